@@ -1,0 +1,42 @@
+"""`python -m pipeline [overrides]`: compose the config with Hydra, then run here or submit.
+
+launcher=local (default) runs the job in this process, which may be one rank of `mpirun -n K`
+or `srun`; launcher=slurm queues the job (or every point of a `-m` sweep) for submission to
+SLURM with submitit, as one job array, when the composition ends.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from .config import ConfigError, register
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+register()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        if cfg.launcher.kind == "slurm":
+            from .launch import slurm
+
+            slurm.enqueue(cfg, run_dir)
+            return
+        from .app import run_job
+
+        code = run_job(cfg, run_dir)
+    except ConfigError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""One job: validate the config, build the system, resume or start, train, measure, report.
+
+Called by `python -m pipeline` (local launcher, under any MPI launcher) and inside SLURM tasks
+by the submitit launcher. Returns a process exit status: 0 finished, 3 stopped by a signal and
+checkpointed ("requeue me"); errors raise (and abort every rank of a multi-rank world).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from . import checkpoint, dist, provenance, status
+from .config import Config, to_yaml, validate
+from .driver import Driver, RunState, StopRun
+from .hooks import CheckpointHook, ProgressHook, ResultsHook, SignalHook
+from .system import System
+
+EXIT_OK, EXIT_REQUEUE = 0, 3
+# Keys that may differ from the checkpoint's config on resume without run.allow_changed:
+# they change neither the model nor the trajectory.
+ALWAYS_CHANGEABLE = ("checkpoint.", "launcher.", "model.chunk_size", "sampler.n_samples_final",
+                     "run.allow_changed", "run.max_rollbacks")
+log = logging.getLogger("vitnqs")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out |= _flatten(v, f"{prefix}{k}.")
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_differences(stored_yaml: str, current: Config) -> list[str]:
+    """Dotted keys whose values differ and that the resume may not change."""
+    old, new = _flatten(yaml.safe_load(stored_yaml)), _flatten(yaml.safe_load(to_yaml(current)))
+    allowed = ALWAYS_CHANGEABLE + tuple(current.run.allow_changed)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not any(k == a or (a.endswith(".") and k.startswith(a))
+                                                    for a in allowed)]
+
+
+def _checker(current: Config):
+    def check(stored_yaml: str) -> None:
+        diff = config_differences(stored_yaml, current)
+        if diff:
+            raise checkpoint.CheckpointIncompatible(
+                "the run directory holds a checkpoint of a different run; differing keys: "
+                + "; ".join(diff) + ". Use another hydra.run.dir, or list keys that may change "
+                "in run.allow_changed (e.g. run.allow_changed=[optimizer.lr,run.n_iter]).")
+    return check
+
+
+def restore_or_fresh(driver: Driver, ckpt_dir: str) -> RunState:
+    """The newest good checkpoint (rank 0 reads, every rank receives), else a fresh state."""
+    found: tuple[str, Any] = ("none", None)
+    if dist.is_root():
+        try:
+            snap = checkpoint.newest_good(ckpt_dir, *driver.fresh_state_templates(),
+                                          _checker(driver.cfg), log=log.warning)
+            found = ("ok", snap)
+        except checkpoint.CheckpointError as e:
+            found = ("error", str(e))
+    kind, value = dist.bcast_object(found)
+    if kind == "error":
+        raise checkpoint.CheckpointIncompatible(value)
+    if value is None:
+        return driver.fresh_state()
+    n, r = driver.n_chains_local, dist.rank()
+    params, opt_state = jax.tree_util.tree_map(jnp.asarray, (value.params, value.opt_state))
+    dist.print0(f"resumed from step {value.step} ({ckpt_dir})")
+    log.info("resumed from step %d", value.step)
+    return RunState(value.step, params, opt_state, jnp.asarray(value.chains[r * n:(r + 1) * n]),
+                    value.lr_scale)
+
+
+def _setup_logging(run_dir: str) -> None:
+    """One log file per rank under <run dir>/logs; rank 0 also logs warnings to stderr."""
+    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+    log.handlers.clear()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    fh = logging.FileHandler(os.path.join(run_dir, "logs", f"rank{dist.rank()}.log"))
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(fh)
+    if dist.is_root():
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setLevel(logging.WARNING)
+        log.addHandler(sh)
+
+
+def _check_writable(run_dir: str) -> None:
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-test-{dist.rank()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"run directory {run_dir} is not writable ({e.strerror})") from e
+
+
+def run_job(cfg: DictConfig | Config, run_dir: str, progress_bar: bool = True) -> int:
+    """Run (or resume) one VMC job in `run_dir`; see the module doc for the return value."""
+    with dist.abort_on_error():
+        c = validate(cfg, dist.size())
+        run_dir = os.path.abspath(dist.bcast_object(run_dir))
+        _check_writable(run_dir)
+        _setup_logging(run_dir)
+        for line in dist.startup_report():
+            dist.print0(line)
+            log.info(line)
+        try:
+            return _train(c, run_dir, progress_bar)
+        except StopRun:
+            raise
+        except Exception as e:
+            if dist.is_root():
+                status.write(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+            log.exception("run failed")
+            raise
+
+
+def _train(c: Config, run_dir: str, progress_bar: bool) -> int:
+    system = System.build(c)
+    config_yaml = to_yaml(c)
+    meta = {"versions": provenance.versions(), "code_version": provenance.code_version(),
+            "seed": c.run.seed}
+    ck = CheckpointHook(os.path.join(run_dir, "checkpoints"), c.checkpoint.every_steps,
+                        c.checkpoint.every_minutes, c.checkpoint.keep, config_yaml, meta)
+    results = ResultsHook(os.path.join(run_dir, "results.h5"), {
+        "config": config_yaml, "versions": yaml.safe_dump(meta["versions"]),
+        "code_version": meta["code_version"], "n_ranks": dist.size(), "seed": c.run.seed})
+    signals = SignalHook(ck)
+    driver = Driver(system, [ProgressHook(bar=progress_bar), results, ck, signals])
+    results.attrs["n_params"] = driver.n_params
+    results.attrs["solver"] = driver.solver
+    dist.print0(f"{c.model.name}: {driver.n_params} parameters, SR solver {driver.solver}, "
+                f"{c.sampler.n_samples} samples on {c.sampler.n_chains} chains over "
+                f"{dist.size()} rank(s); run dir {run_dir}")
+    state = restore_or_fresh(driver, ck.directory)
+    if dist.is_root():
+        status.write(run_dir, "running", step=state.step, n_ranks=dist.size())
+    try:
+        state, final = driver.run(state)
+    except StopRun as stop:
+        if dist.is_root():
+            n = int(status.read(run_dir).get("requeues", 0)) + int(stop.requeue)
+            status.write(run_dir, "requeue" if stop.requeue else "stopped", step=state.step,
+                         requeues=n, message=str(stop))
+        dist.print0(f"stopped: {stop}")
+        return EXIT_REQUEUE if stop.requeue else EXIT_OK
+    finally:
+        results.close()
+        signals.restore()
+    if dist.is_root():
+        status.write(run_dir, "finished", step=state.step, **{k: final[k] for k in (
+            "energy_per_site", "energy_error", "relative_error")})
+    dist.print0(summary(c, final))
+    return EXIT_OK
+
+
+def summary(c: Config, f: dict) -> str:
+    rel = f["relative_error"]
+    ref = (f"reference {f['reference_energy_per_site']:.7f}, relative error {rel:.2e}"
+           if rel == rel else "no reference energy for this system")
+    return (f"final: L={c.lattice.L} J2={c.hamiltonian.J2} {c.model.name}: E/N = "
+            f"{f['energy_per_site']:.6f} ± {f['energy_error']:.6f} (per site, S.S units; "
+            f"{f['n_samples']} fresh samples), var/N = {f['variance_per_site']:.4g}, "
+            f"V-score = {f['v_score']:.3g}; {ref}")

@@ -1,0 +1,78 @@
+"""Exact diagonalization in the Sz = 0 sector (Lanczos on a sparse matrix), for N <= 20 sites.
+
+Used by the tests and for the relative error of small runs. The Hamiltonian is built from the
+same `Hamiltonian` object as the local energies (Marshall sign included: it is a unitary change of
+basis and leaves the spectrum unchanged).
+"""
+from __future__ import annotations
+
+import csv
+from functools import lru_cache
+from itertools import combinations
+from importlib import resources
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import eigsh
+
+from .hamiltonian import Hamiltonian
+
+MAX_SITES = 20
+
+
+def sz0_basis(n_sites: int) -> np.ndarray:
+    """Sorted integers with n_sites/2 bits set (bit i set: spin i up)."""
+    if n_sites > MAX_SITES:
+        raise ValueError(f"exact diagonalization is limited to N <= {MAX_SITES}, got N={n_sites}")
+    states = [sum(1 << i for i in c) for c in combinations(range(n_sites), n_sites // 2)]
+    return np.array(sorted(states), dtype=np.int64)
+
+
+def configs(states: np.ndarray, n_sites: int) -> np.ndarray:
+    """(D, N) +-1 configurations (int8) of basis integers."""
+    bits = (states[:, None] >> np.arange(n_sites)) & 1
+    return (2 * bits - 1).astype(np.int8)
+
+
+def sparse_hamiltonian(ham: Hamiltonian) -> tuple[sp.csr_matrix, np.ndarray]:
+    """The Hamiltonian (total energy, S.S units) on the Sz=0 basis, and that basis."""
+    states = sz0_basis(ham.n_sites)
+    s = configs(states, ham.n_sites)
+    diag = np.asarray(ham.diagonal(s.astype(np.float64)))
+    rows, cols, vals = [np.arange(len(states))], [np.arange(len(states))], [diag]
+    for (i, j), w in zip(ham.bonds, ham.off):
+        differ = np.nonzero(s[:, i] != s[:, j])[0]
+        flipped = states[differ] ^ ((1 << int(i)) | (1 << int(j)))
+        rows.append(differ)
+        cols.append(np.searchsorted(states, flipped))
+        vals.append(np.full(len(differ), w))
+    h = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                      shape=(len(states), len(states)))
+    return h, states
+
+
+def ground_state(ham: Hamiltonian) -> tuple[float, np.ndarray, np.ndarray]:
+    """(E0 per site, ground-state vector, basis) by Lanczos."""
+    h, states = sparse_hamiltonian(ham)
+    vals, vecs = eigsh(h, k=1, which="SA", tol=1e-12, v0=np.ones(h.shape[0]))
+    return float(vals[0]) / ham.n_sites, vecs[:, 0], states
+
+
+@lru_cache(maxsize=None)
+def _reference_rows() -> tuple[dict, ...]:
+    text = resources.files("pipeline").joinpath("data/reference_energies.csv").read_text()
+    lines = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    return tuple(csv.DictReader(lines))
+
+
+def reference_energy(L: int, J2: float) -> tuple[float, bool, str] | None:
+    """Best tabulated ground-state energy per site for the J1=1 square J1-J2 model, or None.
+
+    Returns (energy per site, exact?, source). Exact values are preferred over variational ones.
+    """
+    rows = [r for r in _reference_rows() if int(r["L"]) == L and abs(float(r["J2"]) - J2) < 1e-12]
+    if not rows:
+        return None
+    rows.sort(key=lambda r: (-int(r["exact"]), float(r["energy_per_site"])))
+    r = rows[0]
+    return float(r["energy_per_site"]), bool(int(r["exact"])), f'{r["method"]}: {r["source"]}'

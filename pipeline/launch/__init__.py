@@ -1,0 +1,1 @@
+"""Launchers: local (in this process, under any MPI launcher) and SLURM (submitit)."""

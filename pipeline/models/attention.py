@@ -1,0 +1,70 @@
+"""The two attention kinds of the ViT: factored (positions only) and standard (query-key softmax).
+
+Both act on x of shape (..., n, d) for n patches and mix values V = x W_V per head; W_O mixes
+heads back. `displacement` is the (n, n) table of periodic patch displacements r_i - r_j used by
+the translation-invariant weights and by the relative-position bias.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+KINDS = ("factored", "standard")
+DT = jnp.float64
+
+
+def _split_heads(v: jnp.ndarray, heads: int) -> jnp.ndarray:
+    return v.reshape(*v.shape[:-1], heads, v.shape[-1] // heads)
+
+
+class FactoredAttention(nn.Module):
+    """A_i = sum_j alpha_ij V_j with learned position-only weights (no queries, no keys, no softmax).
+
+    translation_invariant: alpha_ij = alpha(r_i - r_j) (heads x n parameters), otherwise a free
+    (heads x n x n) table.
+    """
+
+    heads: int
+    displacement: np.ndarray
+    translation_invariant: bool = True
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        n, d = x.shape[-2:]
+        init = nn.initializers.normal(stddev=1.0 / np.sqrt(n))
+        if self.translation_invariant:
+            a = self.param("alpha", init, (self.heads, n), DT)
+            alpha = a[:, self.displacement]
+        else:
+            alpha = self.param("alpha", init, (self.heads, n, n), DT)
+        v = _split_heads(nn.Dense(d, use_bias=False, param_dtype=DT, name="W_V")(x), self.heads)
+        out = jnp.einsum("hij,...jhk->...ihk", alpha, v).reshape(*x.shape[:-1], d)
+        return nn.Dense(d, use_bias=False, param_dtype=DT, name="W_O")(out)
+
+
+class StandardAttention(nn.Module):
+    """softmax_j(q_i.k_j / sqrt(d/h) + B(r_i - r_j)) V_j with a learned relative-position bias.
+
+    The attention maps (..., heads, n, n) are sown into the 'intermediates' collection as
+    'attention' for the input-dependence diagnostic.
+    The bias starts random, not zero: a zero bias starts from uniform attention and trains slowly.
+    """
+
+    heads: int
+    displacement: np.ndarray
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        n, d = x.shape[-2:]
+        dh = d // self.heads
+        dense = lambda name: nn.Dense(d, use_bias=False, param_dtype=DT, name=name)  # noqa: E731
+        q = _split_heads(dense("W_Q")(x), self.heads)
+        k = _split_heads(dense("W_K")(x), self.heads)
+        v = _split_heads(dense("W_V")(x), self.heads)
+        bias = self.param("bias", nn.initializers.normal(stddev=1.0), (self.heads, n), DT)
+        logits = jnp.einsum("...ihk,...jhk->...hij", q, k) / np.sqrt(dh) + bias[:, self.displacement]
+        w = nn.softmax(logits, axis=-1)
+        self.sow("intermediates", "attention", w)
+        out = jnp.einsum("...hij,...jhk->...ihk", w, v).reshape(*x.shape[:-1], d)
+        return dense("W_O")(out)

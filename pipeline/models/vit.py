@@ -1,0 +1,72 @@
+"""The Vision-Transformer wave function: patches -> pre-LN encoder -> sum -> complex log-cosh head."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..lattice import Lattice
+from .attention import DT, FactoredAttention, StandardAttention
+
+
+def log_cosh(z: jnp.ndarray) -> jnp.ndarray:
+    """log cosh(z) for complex z, stable for large |Re z|: uses cosh(z) = cosh(-z)."""
+    sgn = jnp.where(z.real >= 0, 1.0, -1.0)
+    z = sgn * z
+    return z + jnp.log1p(jnp.exp(-2.0 * z)) - np.log(2.0)
+
+
+class EncoderBlock(nn.Module):
+    """x <- x + Attention(LN(x)); x <- x + MLP(LN(x)) with a d -> 4d -> d GELU MLP."""
+
+    attention: nn.Module
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        d = x.shape[-1]
+        x = x + self.attention(nn.LayerNorm(param_dtype=DT)(x))
+        y = nn.LayerNorm(param_dtype=DT)(x)
+        y = nn.Dense(4 * d, param_dtype=DT)(y)
+        y = nn.Dense(d, param_dtype=DT)(nn.gelu(y))
+        return x + y
+
+
+class ViT(nn.Module):
+    """log psi(s) for a batch s of shape (..., N) with entries +-1.
+
+    attention: 'factored' or 'standard'; translation_invariant applies to factored weights (the
+    standard kind always uses a relative-position bias). All parameters are real float64; the
+    output is complex.
+    """
+
+    L: int
+    patch: int
+    d: int
+    heads: int
+    layers: int
+    attention: str = "factored"
+    translation_invariant: bool = True
+
+    @nn.compact
+    def __call__(self, s: jnp.ndarray) -> jnp.ndarray:
+        lat = Lattice(self.L, self.patch)
+        disp = lat.patch_displacement
+        x = s.astype(DT)[..., lat.patch_sites]  # (..., n, b*b)
+        x = nn.Dense(self.d, param_dtype=DT, name="embed")(x)
+        for layer in range(self.layers):
+            if self.attention == "factored":
+                att = FactoredAttention(self.heads, disp, self.translation_invariant,
+                                        name=f"attention_{layer}")
+            else:
+                att = StandardAttention(self.heads, disp, name=f"attention_{layer}")
+            x = EncoderBlock(att, name=f"block_{layer}")(x)
+        z = nn.LayerNorm(param_dtype=DT, name="final_norm")(x.sum(axis=-2))
+        head_init = nn.initializers.normal(stddev=1.0 / self.d)
+        re = nn.Dense(self.d, param_dtype=DT, kernel_init=head_init, name="head_re")(z)
+        im = nn.Dense(self.d, param_dtype=DT, kernel_init=head_init, name="head_im")(z)
+        return jnp.sum(log_cosh(re + 1j * im), axis=-1)
+
+
+def n_params(params) -> int:
+    return int(sum(np.size(p) for p in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,153 @@
+"""Stochastic reconfiguration for real parameters and complex log psi, distributed over ranks.
+
+With O_k = d log psi / d theta_k, centred dO = O - <O>, dE = E_loc - <E_loc> (means over all
+ranks' samples) and X = [Re dO; Im dO] (rows: samples, columns: parameters):
+  S = X^T X / N_tot,  F = X^T [Re dE; Im dE] / N_tot,  direction = (S + lambda I)^{-1} F.
+The update is theta <- theta - lr * direction (the optimizer applies lr).
+
+Solvers (all give the same direction up to round-off or the CG tolerance):
+  dense   partial sums of S and F all-reduced, Cholesky (eigen-decomposition if not positive
+          definite); P^2 memory and communication.
+  cg      matrix-free conjugate gradient, one all-reduce of a P-vector per iteration.
+  kernel  minSR: the rows of X from every rank are all-gathered and the 2N_tot x 2N_tot system
+          (X X^T / N_tot + lambda I) y = e is solved; direction = X^T y / N_tot. Best for P >> N_tot.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from . import dist
+from .hamiltonian import apply_chunked
+
+SOLVERS = ("auto", "dense", "cg", "kernel")
+DENSE_MAX_PARAMS = 4096
+KERNEL_MAX_ROWS = 8192
+
+
+class SRInfo(NamedTuple):
+    cg_iterations: jax.Array
+    residual: jax.Array  # |(S + lambda) x - F| / |F|
+
+
+def choose_solver(solver: str, n_params: int, n_total: int) -> str:
+    """'auto': dense for small P, kernel when parameters outnumber samples, CG otherwise."""
+    if solver not in SOLVERS:
+        raise ValueError(f"optimizer.solver={solver!r}: unknown, expected one of {SOLVERS}")
+    if solver != "auto":
+        return solver
+    if n_params <= min(DENSE_MAX_PARAMS, 2 * n_total):
+        return "dense"
+    if n_params > 2 * n_total and 2 * n_total <= KERNEL_MAX_ROWS:
+        return "kernel"
+    return "cg"
+
+
+def bytes_per_step(solver: str, n_params: int, n_total: int, cg_iterations: int = 0) -> int:
+    """Bytes each rank sends into collectives for one SR solve (float64), for the logs."""
+    means = 8 * (2 * n_params + 2)  # <O> and <E_loc>, complex
+    body = {"dense": n_params * n_params + n_params,
+            "cg": n_params * (1 + cg_iterations),
+            "kernel": 2 * n_total * (n_params + 1)}[solver]
+    return means + 8 * body
+
+
+def log_derivatives(logpsi: Callable, params, s: jax.Array, chunk: int = 0) -> jax.Array:
+    """(n, P) complex O_k(s) = d log psi(s) / d theta_k, parameters flattened by ravel_pytree."""
+    flat, unravel = ravel_pytree(params)
+
+    def re_im(p, x):
+        lp = logpsi(unravel(p), x[None])[0]
+        return jnp.stack([lp.real, lp.imag])
+
+    jac = jax.jacrev(re_im)
+    if chunk > 0 and s.shape[0] > chunk:
+        J = jax.lax.map(lambda x: jac(flat, x), s, batch_size=chunk)
+    else:
+        J = jax.vmap(jac, in_axes=(None, 0))(flat, s)
+    return J[:, 0] + 1j * J[:, 1]
+
+
+def centred_rows(O: jax.Array, eloc: jax.Array, n_total: int) -> tuple[jax.Array, jax.Array]:
+    """X = [Re dO; Im dO] and e = [Re dE; Im dE] with means over all ranks."""
+    mean_O = dist.allreduce_sum(O.sum(0)) / n_total
+    mean_E = dist.allreduce_sum(eloc.sum()) / n_total
+    dO, dE = O - mean_O, eloc - mean_E
+    return (jnp.concatenate([dO.real, dO.imag]), jnp.concatenate([dE.real, dE.imag]))
+
+
+def _spd_solve(A: jax.Array, b: jax.Array) -> jax.Array:
+    """Cholesky solve; if A is not numerically positive definite, a clipped eigen-solve."""
+    L = jnp.linalg.cholesky(A)
+    ok = jnp.all(jnp.isfinite(L))
+
+    def chol(_):
+        return jax.scipy.linalg.cho_solve((L, True), b)
+
+    def eig(_):
+        w, V = jnp.linalg.eigh(A)
+        cutoff = 1e-12 * jnp.max(jnp.abs(w))
+        winv = jnp.where(w > cutoff, 1.0 / jnp.where(w > cutoff, w, 1.0), 0.0)
+        return V @ (winv * (V.T @ b))
+
+    return jax.lax.cond(ok, chol, eig, None)
+
+
+def _cg(matvec: Callable, b: jax.Array, tol: float, maxiter: int) -> tuple[jax.Array, jax.Array]:
+    """Conjugate gradient from x0 = 0; every rank runs identical iterations (inputs all-reduced)."""
+    bb = b @ b
+
+    def cond(c):
+        _, r, _, rr, k = c
+        return (k < maxiter) & (rr > tol * tol * bb)
+
+    def body(c):
+        x, r, p, rr, k = c
+        Ap = matvec(p)
+        a = rr / (p @ Ap)
+        x, r = x + a * p, r - a * Ap
+        rr_new = r @ r
+        return x, r, r + (rr_new / rr) * p, rr_new, k + 1
+
+    x, _, _, _, k = jax.lax.while_loop(cond, body, (jnp.zeros_like(b), b, b, bb, 0))
+    return x, k
+
+
+def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solver: str,
+          cg_tol: float = 1e-8, cg_maxiter: int = 500) -> tuple[jax.Array, SRInfo]:
+    """The SR direction (S + lambda I)^{-1} F from this rank's rows X, e (see module doc)."""
+    F = dist.allreduce_sum(X.T @ e) / n_total
+    iters = jnp.zeros((), jnp.int32)
+    if solver == "dense":
+        S = dist.allreduce_sum(X.T @ X) / n_total
+        x = _spd_solve(S + diag_shift * jnp.eye(S.shape[0]), F)
+    elif solver == "cg":
+        def matvec(v):
+            return dist.allreduce_sum(X.T @ (X @ v)) / n_total + diag_shift * v
+        x, iters = _cg(matvec, F, cg_tol, cg_maxiter)
+    elif solver == "kernel":
+        Xg = dist.allgather(X).reshape(-1, X.shape[1])
+        eg = dist.allgather(e).reshape(-1)
+        T = Xg @ Xg.T / n_total + diag_shift * jnp.eye(Xg.shape[0])
+        x = Xg.T @ _spd_solve(T, eg) / n_total
+    else:
+        raise ValueError(f"optimizer.solver={solver!r}: not a concrete solver")
+    # Residual of the regularized normal equations, as a check on the solve (one more matvec).
+    r = dist.allreduce_sum(X.T @ (X @ x)) / n_total + diag_shift * x - F
+    res = jnp.linalg.norm(r) / jnp.maximum(jnp.linalg.norm(F), 1e-300)
+    return x, SRInfo(iters, res)
+
+
+@partial(jax.jit, static_argnames=("logpsi", "n_total", "solver", "chunk", "cg_maxiter"))
+def direction(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: int,
+              diag_shift: jax.Array, solver: str, chunk: int = 0, cg_tol: float = 1e-8,
+              cg_maxiter: int = 500):
+    """The SR direction as a parameter pytree, with solve diagnostics."""
+    O = log_derivatives(logpsi, params, s, chunk)
+    X, e = centred_rows(O, eloc, n_total)
+    x, info = solve(X, e, n_total, diag_shift, solver, cg_tol, cg_maxiter)
+    return ravel_pytree(params)[1](x), info

@@ -1,0 +1,57 @@
+"""Assemble the physical system and the variational ansatz from a validated config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import jax
+import numpy as np
+
+from .config import Config
+from .hamiltonian import Hamiltonian
+from .lattice import Lattice
+from .models import ViT, group, n_params, project
+from .sampler import ExchangeSampler
+
+
+def _apply(model: ViT, params, s):
+    return model.apply({"params": params}, s)
+
+
+@dataclass(frozen=True, eq=False)
+class System:
+    """Everything that is fixed for a run: geometry, Hamiltonian, model, log psi, sampler."""
+
+    cfg: Config
+    lattice: Lattice
+    hamiltonian: Hamiltonian
+    model: ViT
+    logpsi: Callable
+    sampler: ExchangeSampler
+
+    @classmethod
+    def build(cls, cfg: Config) -> "System":
+        lat = Lattice(cfg.lattice.L, cfg.lattice.patch, cfg.lattice.kind)
+        h = cfg.hamiltonian
+        ham = Hamiltonian.build(lat, h.J1, h.J2, h.marshall_sign)
+        m = cfg.model
+        model = ViT(L=lat.L, patch=lat.patch, d=m.d, heads=m.heads, layers=m.layers,
+                    attention=m.attention, translation_invariant=m.translation_invariant)
+        logpsi = project(partial(_apply, model), *group(lat, m.symmetry))
+        moves = lat.bonds1 if not cfg.sampler.next_nearest_moves else np.concatenate(
+            [lat.bonds1, lat.bonds2])
+        sampler = ExchangeSampler(logpsi, moves, cfg.sampler.sweep_size or lat.n_sites)
+        return cls(cfg, lat, ham, model, logpsi, sampler)
+
+    @property
+    def n_sites(self) -> int:
+        return self.lattice.n_sites
+
+    def init_params(self, seed: int):
+        """Initial parameters, derived from the run seed (purpose stream 'params')."""
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), 1_000_003)
+        return self.model.init(key, np.ones((1, self.n_sites), np.int8))["params"]
+
+    def n_params(self, params) -> int:
+        return n_params(params)
