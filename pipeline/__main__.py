@@ -32,7 +32,10 @@ def main(cfg: DictConfig) -> None:
 
         code = run_job(cfg, run_dir)
     except ConfigError as e:
-        sys.stderr.write(f"error: {e}\n")
+        from . import dist
+
+        if dist.is_root():
+            sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
     if code:
         sys.exit(code)

@@ -94,6 +94,18 @@ def any_flag(flag: bool) -> bool:
     return bool(world().allreduce(int(flag), op=_mpi().MAX))
 
 
+def assert_same(name: str, x: np.ndarray, rtol: float = 1e-12) -> None:
+    """Raise if this rank's array differs from rank 0's (e.g. parameters after an update)."""
+    if size() == 1:
+        return
+    ref = world().bcast(np.asarray(x) if is_root() else None, root=0)
+    diff = float(np.max(np.abs(np.asarray(x) - ref), initial=0.0))
+    scale = float(np.max(np.abs(ref), initial=0.0)) or 1.0
+    worst = world().allreduce(diff / scale, op=_mpi().MAX)
+    if worst > rtol:
+        raise RuntimeError(f"{name} differ across ranks (max relative difference {worst:.3g})")
+
+
 def barrier() -> None:
     if size() > 1:
         world().Barrier()
@@ -119,8 +131,12 @@ def startup_report() -> list[str]:
 @contextlib.contextmanager
 def abort_on_error() -> Iterator[None]:
     """An exception on one rank aborts the whole world, so no rank hangs in a collective."""
+    from .config import ConfigError
+
     try:
         yield
+    except ConfigError:
+        raise  # raised identically on every rank before any collective: no need to abort
     except Exception:
         if size() > 1:
             sys.stderr.write(f"[rank {rank()}] fatal error, aborting all {size()} ranks:\n"

@@ -1,0 +1,58 @@
+"""Shared fixtures: small systems built from the real config schema."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import pipeline  # noqa: F401  (enables float64)
+from pipeline.config import Config, validate
+from pipeline.system import System
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+
+def make_config(**overrides) -> Config:
+    """A validated Config with dotted overrides, e.g. make_config(**{"lattice.L": 4})."""
+    c = Config()
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = getattr(node, p)
+        setattr(node, last, value)
+    return validate(c)
+
+
+def randomized(params, key, scale: float = 0.3):
+    """Parameters moved away from initialization so amplitudes and phases are non-trivial."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [
+        x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(params=["factored", "standard"])
+def attention(request) -> str:
+    return request.param
+
+
+def system_for(**overrides) -> System:
+    return System.build(make_config(**overrides))
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600,
+            launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline` (optionally under a launcher such as mpirun) and capture output."""
+    full_env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
+    return subprocess.run([*launcher, PYTHON, "-m", "pipeline", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def mpirun(n: int) -> tuple[str, ...]:
+    return (os.path.join(os.path.dirname(PYTHON), "mpirun"), "-n", str(n))

@@ -1,0 +1,43 @@
+"""Run a few SR steps of a small system on however many ranks this was launched with and save
+energies and parameters (rank 0) for comparison across rank counts.
+
+usage: [mpirun -n K] python agreement.py OUT.npz SOLVER N_STEPS
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from pipeline import dist
+from pipeline.config import Config, validate
+from pipeline.driver import Driver
+from pipeline.system import System
+
+
+def main(out: str, solver: str, n_steps: int) -> None:
+    c = Config()
+    c.model.d, c.model.heads = 8, 2
+    c.sampler.n_samples, c.sampler.n_chains, c.sampler.n_thermalize = 256, 64, 4
+    c.optimizer.solver, c.optimizer.warmup = solver, 0
+    c.optimizer.cg_tol, c.optimizer.cg_maxiter = 1e-10, 5000  # converged: no round-off amplification
+    c.run.n_iter = n_steps
+    c = validate(c, dist.size())
+    with dist.abort_on_error():
+        driver = Driver(System.build(c))
+        state = driver.fresh_state()
+        energies = []
+        for _ in range(n_steps):
+            state, record = driver.step(state)
+            energies.append(record["energy"])
+        flat = np.asarray(ravel_pytree(state.params)[0])
+        dist.assert_same("parameters", flat)
+        chains = dist.gather_rows(np.asarray(state.chains))
+        if dist.is_root():
+            np.savez(out, energies=np.array(energies), params=flat, chains=chains,
+                     n_ranks=dist.size())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -1,0 +1,88 @@
+"""Bad input: a one-line error naming the field and the value, before any computation."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from pipeline.__main__ import CONF_DIR
+from pipeline.config import ConfigError, validate
+
+from conftest import make_config, run_cli
+
+BAD = [
+    ({"lattice.L": 6, "lattice.patch": 4}, "lattice.L=6: not divisible by lattice.patch=4"),
+    ({"lattice.L": 3, "lattice.patch": 1}, "lattice.L=3: N = L^2 = 9 is odd"),
+    ({"lattice.L": 1, "lattice.patch": 1}, "lattice.L=1"),
+    ({"lattice.kind": "triangular"}, "lattice.kind='triangular'"),
+    ({"model.heads": 3}, "model.heads=3: does not divide model.d=16"),
+    ({"model.d": 0}, "model.d=0"),
+    ({"model.attention": "linear"}, "model.attention='linear': unknown attention kind"),
+    ({"model.symmetry": "everything"}, "model.symmetry='everything'"),
+    ({"model.chunk_size": -1}, "model.chunk_size=-1"),
+    ({"sampler.n_samples": 0}, "sampler.n_samples=0: must be positive"),
+    ({"sampler.n_chains": -4}, "sampler.n_chains=-4: must be positive"),
+    ({"sampler.n_samples": 1000}, "sampler.n_samples=1000: not a multiple of sampler.n_chains=1024"),
+    ({"sampler.n_samples_final": 100}, "sampler.n_samples_final=100"),
+    ({"sampler.n_thermalize": -1}, "sampler.n_thermalize=-1"),
+    ({"optimizer.solver": "qr"}, "optimizer.solver='qr': unknown solver"),
+    ({"optimizer.lr": 0.0}, "optimizer.lr=0.0: must be positive"),
+    ({"optimizer.diag_shift": -1e-3}, "optimizer.diag_shift=-0.001"),
+    ({"optimizer.cg_maxiter": 0}, "optimizer.cg_maxiter=0"),
+    ({"run.n_iter": 0}, "run.n_iter=0: must be positive"),
+    ({"run.n_iter": -5}, "run.n_iter=-5"),
+    ({"run.seed": -1}, "run.seed=-1"),
+    ({"hamiltonian.J2": float("nan")}, "hamiltonian.J2=nan: must be finite"),
+    ({"checkpoint.keep": 0}, "checkpoint.keep=0"),
+    ({"checkpoint.every_steps": 0}, "checkpoint.every_steps=0"),
+    ({"launcher.kind": "pbs"}, "launcher.kind='pbs'"),
+    ({"launcher.tasks_per_node": 0}, "launcher.tasks_per_node=0"),
+    ({"launcher.mem_gb": 0.0}, "launcher.mem_gb=0.0"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[m.split(":")[0] for _, m in BAD])
+def test_bad_value_names_field_and_value(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        make_config(**overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_chains_not_divisible_by_ranks() -> None:
+    c = make_config(**{"sampler.n_chains": 1024, "sampler.n_samples": 1024})
+    with pytest.raises(ConfigError, match=r"sampler.n_chains=1024: not divisible by the number of MPI ranks \(3\)"):
+        validate(c, n_ranks=3)
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("group,options", [
+    ("model", ["vit_factored", "vit_standard"]), ("lattice", ["square", "shastry_sutherland"]),
+    ("launcher", ["local", "slurm"]), ("experiment", ["paper_4x4", "paper_6x6", "size_sweep"])])
+def test_every_config_composes_and_validates(group: str, options: list[str]) -> None:
+    on_disk = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, group)) if f.endswith(".yaml"))
+    assert on_disk == sorted(options)
+    for option in options:
+        prefix = "+" if group == "experiment" else ""
+        validate(_compose(f"{prefix}{group}={option}"))
+
+
+def test_wrong_type_and_unknown_key_are_refused_by_the_schema() -> None:
+    with pytest.raises(Exception, match="lattice.L"):
+        _compose("lattice.L=four")
+    with pytest.raises(Exception, match="lattice.size"):
+        _compose("lattice.size=4")
+    with pytest.raises(Exception, match="model=vit_linear|vit_linear"):
+        _compose("model=vit_linear")
+
+
+def test_cli_reports_bad_input_in_one_line_before_computing(tmp_path) -> None:
+    out = run_cli("model.heads=5", f"hydra.run.dir={tmp_path}/run", timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "error: model.heads=5: does not divide model.d=16"
+    assert not os.path.exists(tmp_path / "run" / "results.h5")

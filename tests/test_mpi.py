@@ -1,0 +1,67 @@
+"""Real MPI ranks (the project's mpich wheel, `mpirun -n K`): collectives, rank-count invariance,
+failure handling, and the uneven-split refusal."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from conftest import PYTHON, ROOT, mpirun, run_cli
+
+pytestmark = pytest.mark.mpi
+HERE = os.path.join(ROOT, "tests", "mpi")
+
+
+def _run(n: int, script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = ([PYTHON] if n == 1 else list(mpirun(n)) + [PYTHON]) + [os.path.join(HERE, script), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_collectives_equal_numpy_sums() -> None:
+    out = _run(2, "collectives.py")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("OK") == 2
+    assert "rank 1/2" in out.stdout and "(expected 1)" in out.stdout
+
+
+@pytest.mark.parametrize("solver", ["dense", "cg", "kernel"])
+def test_one_rank_and_two_ranks_agree(tmp_path, solver: str) -> None:
+    """Same samples, and energies and parameters after 5 SR steps equal to round-off."""
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    for n, path in ((1, one), (2, two)):
+        out = _run(n, "agreement.py", str(path), solver, "5")
+        assert out.returncode == 0, out.stderr
+    a, b = np.load(one), np.load(two)
+    assert int(b["n_ranks"]) == 2
+    np.testing.assert_array_equal(a["chains"], b["chains"])
+    np.testing.assert_allclose(b["energies"], a["energies"], rtol=1e-8, atol=0)
+    np.testing.assert_allclose(b["params"], a["params"], rtol=1e-8, atol=1e-8)
+    assert np.ptp(a["energies"]) > 1e-3  # the parameters did move
+
+
+def test_failure_on_one_rank_ends_the_job_promptly() -> None:
+    start = time.monotonic()
+    out = _run(2, "failure.py", timeout=120)
+    assert out.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "[rank 1] fatal error, aborting all 2 ranks" in out.stderr
+    assert "deliberate failure on rank 1" in out.stderr
+    assert "unreachable" not in out.stdout
+
+
+def test_three_ranks_with_chains_not_divisible_are_refused(tmp_path) -> None:
+    out = run_cli("sampler.n_chains=1024", f"hydra.run.dir={tmp_path}/run", launcher=mpirun(3),
+                  timeout=180)
+    assert out.returncode == 2
+    assert "error: sampler.n_chains=1024: not divisible by the number of MPI ranks (3)" in out.stderr
+
+
+def test_three_ranks_with_divisible_chains_run(tmp_path) -> None:
+    out = run_cli("sampler.n_chains=96", "sampler.n_samples=192", "sampler.n_samples_final=384",
+                  "model.d=8", "run.n_iter=2", f"hydra.run.dir={tmp_path}/run",
+                  launcher=mpirun(3), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "rank 2/3" in out.stdout and "final: L=4" in out.stdout

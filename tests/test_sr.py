@@ -1,0 +1,63 @@
+"""Log-derivatives against finite differences; the SR solvers against each other."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from pipeline import sr
+
+from conftest import randomized, system_for
+
+
+def test_log_derivatives_equal_finite_differences(attention: str) -> None:
+    system = system_for(**{"model.attention": attention})
+    params = randomized(system.init_params(0), jax.random.PRNGKey(2), 0.1)
+    s = np.array([[1, -1] * 8, [1, 1, -1, -1] * 4], np.int8)
+    O = np.asarray(sr.log_derivatives(system.logpsi, params, jnp.asarray(s)))
+    flat, unravel = ravel_pytree(params)
+    eps = 1e-6
+    for k in np.random.default_rng(0).choice(flat.size, 25, replace=False):
+        e = jnp.zeros_like(flat).at[k].set(eps)
+        fd = (system.logpsi(unravel(flat + e), s) - system.logpsi(unravel(flat - e), s)) / (2 * eps)
+        np.testing.assert_allclose(O[:, k], fd, rtol=1e-6, atol=1e-7)
+
+
+def _random_problem(n=64, P=40, seed=0):
+    rng = np.random.default_rng(seed)
+    O = rng.normal(size=(n, P)) + 1j * rng.normal(size=(n, P))
+    E = rng.normal(size=n) + 1j * rng.normal(size=n)
+    return jnp.asarray(O), jnp.asarray(E)
+
+
+@pytest.mark.parametrize("n,P", [(64, 40), (32, 100)])
+def test_solvers_agree(n: int, P: int) -> None:
+    O, E = _random_problem(n, P)
+    X, e = sr.centred_rows(O, E, n)
+    shift = jnp.asarray(1e-3)
+    sols = {name: np.asarray(sr.solve(X, e, n, shift, name, 1e-12, 2000)[0])
+            for name in ("dense", "cg", "kernel")}
+    # Reference: S and F written out from the formulas of science.md.
+    dO, dE = np.asarray(O - O.mean(0)), np.asarray(E - E.mean())
+    S = (dO.conj().T @ dO).real / n
+    F = (dO.conj().T @ dE).real / n
+    ref = np.linalg.solve(S + 1e-3 * np.eye(P), F)
+    for name, x in sols.items():
+        np.testing.assert_allclose(x, ref, rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+def test_dense_solver_falls_back_when_not_positive_definite() -> None:
+    A = jnp.diag(jnp.array([2.0, 1.0, -1e-3]))
+    x = sr._spd_solve(A, jnp.array([2.0, 3.0, 0.0]))
+    assert bool(jnp.all(jnp.isfinite(x)))
+    np.testing.assert_allclose(x[:2], [1.0, 3.0])
+
+
+def test_auto_solver_choice() -> None:
+    assert sr.choose_solver("auto", 500, 1024) == "dense"
+    assert sr.choose_solver("auto", 3368, 1024) == "kernel"
+    assert sr.choose_solver("auto", 50000, 8192) == "cg"
+    with pytest.raises(ValueError, match="optimizer.solver='bogus'"):
+        sr.choose_solver("bogus", 1, 1)
