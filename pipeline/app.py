@@ -19,14 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint, dist, provenance, status
 from .config import Config, to_yaml, validate
 from .driver import Driver, RunState, StopRun
-from .hooks import CheckpointHook, ProgressHook, ResultsHook, SignalHook
+from .hooks import CheckpointHook, ProgressHook, ResultsHook, SignalHook, StepLimitHook
+from .results import ResultsError
 from .system import System
 
 EXIT_OK, EXIT_REQUEUE = 0, 3
 # Keys that may differ from the checkpoint's config on resume without run.allow_changed:
 # they change neither the model nor the trajectory.
 ALWAYS_CHANGEABLE = ("checkpoint.", "launcher.", "model.chunk_size", "sampler.n_samples_final",
-                     "run.allow_changed", "run.max_rollbacks")
+                     "run.allow_changed", "run.max_rollbacks", "run.steps_per_job")
 log = logging.getLogger("vitnqs")
 
 
@@ -140,13 +141,20 @@ def _train(c: Config, run_dir: str, progress_bar: bool) -> int:
         "config": config_yaml, "versions": yaml.safe_dump(meta["versions"]),
         "code_version": meta["code_version"], "n_ranks": dist.size(), "seed": c.run.seed})
     signals = SignalHook(ck)
-    driver = Driver(system, [ProgressHook(bar=progress_bar), results, ck, signals])
+    hooks = [ProgressHook(bar=progress_bar), results, ck, signals]
+    if c.run.steps_per_job:
+        hooks.append(StepLimitHook(ck, c.run.steps_per_job))
+    driver = Driver(system, hooks)
     results.attrs["n_params"] = driver.n_params
     results.attrs["solver"] = driver.solver
     dist.print0(f"{c.model.name}: {driver.n_params} parameters, SR solver {driver.solver}, "
                 f"{c.sampler.n_samples} samples on {c.sampler.n_chains} chains over "
                 f"{dist.size()} rank(s); run dir {run_dir}")
     state = restore_or_fresh(driver, ck.directory)
+    if state.step > 0 and not os.path.exists(results.path):
+        raise ResultsError(f"results file {results.path} is missing, but the run resumes from step "
+                           f"{state.step}: its history would be incomplete. Restore the file, or "
+                           "move the checkpoints/ directory away to start over.")
     if dist.is_root():
         status.write(run_dir, "running", step=state.step, n_ranks=dist.size())
     try:
@@ -154,7 +162,7 @@ def _train(c: Config, run_dir: str, progress_bar: bool) -> int:
     except StopRun as stop:
         if dist.is_root():
             n = int(status.read(run_dir).get("requeues", 0)) + int(stop.requeue)
-            status.write(run_dir, "requeue" if stop.requeue else "stopped", step=state.step,
+            status.write(run_dir, "requeue" if stop.requeue else "stopped", step=stop.step,
                          requeues=n, message=str(stop))
         dist.print0(f"stopped: {stop}")
         return EXIT_REQUEUE if stop.requeue else EXIT_OK

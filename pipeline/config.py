@@ -75,6 +75,7 @@ class RunConfig:
     seed: int = 0
     allow_changed: list = field(default_factory=list)  # keys that may differ on resume
     max_rollbacks: int = 3  # retries after a non-finite step
+    steps_per_job: int = 0  # stop (with a checkpoint) after this many steps in one job; 0: no limit
 
 
 @dataclass
@@ -170,6 +171,7 @@ def validate(cfg: DictConfig | Config, n_ranks: int = 1) -> Config:
     _require(o.cg_maxiter > 0, "optimizer.cg_maxiter", o.cg_maxiter, "must be positive")
     _require(r.n_iter > 0, "run.n_iter", r.n_iter, "must be positive")
     _require(r.seed >= 0, "run.seed", r.seed, "must be >= 0")
+    _require(r.steps_per_job >= 0, "run.steps_per_job", r.steps_per_job, "must be >= 0")
     _require(r.max_rollbacks >= 0, "run.max_rollbacks", r.max_rollbacks, "must be >= 0")
     _require(ck.every_steps > 0, "checkpoint.every_steps", ck.every_steps, "must be positive")
     _require(ck.every_minutes > 0, "checkpoint.every_minutes", ck.every_minutes, "must be positive")

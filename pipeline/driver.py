@@ -30,9 +30,9 @@ class NonFiniteEnergy(RuntimeError):
 class StopRun(Exception):
     """Raised by a hook to end the run cleanly; `requeue` asks the launcher to run it again."""
 
-    def __init__(self, reason: str, requeue: bool = False) -> None:
+    def __init__(self, reason: str, step: int, requeue: bool = False) -> None:
         super().__init__(reason)
-        self.requeue = requeue
+        self.step, self.requeue = step, requeue
 
 
 @dataclass

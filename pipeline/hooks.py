@@ -152,8 +152,25 @@ class SignalHook(BaseHook):
         if dist.any_flag(bool(self.received)):
             self.checkpoints.save(driver, state)
             name = signal.Signals(self.received).name if self.received else "a signal on another rank"
-            raise StopRun(f"received {name}: checkpointed at step {state.step}", requeue=True)
+            raise StopRun(f"received {name}: checkpointed at step {state.step}", state.step,
+                          requeue=True)
 
     def restore(self) -> None:
         for s, h in self.previous.items():
             signal.signal(s, h)
+
+
+class StepLimitHook(BaseHook):
+    """Stops the job (with a checkpoint) after `limit` steps, for work split over several jobs."""
+
+    def __init__(self, checkpoints: CheckpointHook, limit: int) -> None:
+        self.checkpoints, self.limit, self.first = checkpoints, limit, 0
+
+    def on_run_start(self, driver: Driver, state: RunState) -> None:
+        self.first = state.step
+
+    def on_step_end(self, driver: Driver, state: RunState, record: dict) -> None:
+        if state.step - self.first >= self.limit and state.step < driver.cfg.run.n_iter:
+            self.checkpoints.save(driver, state)
+            raise StopRun(f"run.steps_per_job={self.limit} reached: checkpointed at step "
+                          f"{state.step}", state.step)
