@@ -125,7 +125,7 @@ def startup_report() -> list[str]:
     lines = world().gather(line, root=0) if size() > 1 else [line]
     if total != expected:
         raise RuntimeError(f"all-reduce check failed on rank {rank()}: {total} != {expected}")
-    return lines or []
+    return lines or [line]  # rank 0: every rank's line; others: their own
 
 
 @contextlib.contextmanager

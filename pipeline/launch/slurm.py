@@ -130,7 +130,7 @@ class SubmitCallback(Callback):
             failed = 0
             for job in jobs:
                 try:
-                    job.result()
+                    job.results()
                     print(f"job {job.job_id} finished", flush=True)
                 except Exception as e:  # the job's own error, reported per job
                     failed += 1
