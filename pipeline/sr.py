@@ -9,8 +9,10 @@ Solvers (all give the same direction up to round-off or the CG tolerance):
   dense   partial sums of S and F all-reduced, Cholesky (eigen-decomposition if not positive
           definite); P^2 memory and communication.
   cg      matrix-free conjugate gradient, one all-reduce of a P-vector per iteration.
-  kernel  minSR: the rows of X from every rank are all-gathered and the 2N_tot x 2N_tot system
-          (X X^T / N_tot + lambda I) y = e is solved; direction = X^T y / N_tot. Best for P >> N_tot.
+  kernel  minSR: the rows of X from every rank are all-gathered, each rank builds its block of
+          rows of X X^T, the blocks are all-gathered and the 2N_tot x 2N_tot system
+          (X X^T / N_tot + lambda I) y = e is solved; direction = X^T y / N_tot (summed from each
+          rank's rows). Best for P >> N_tot.
 """
 from __future__ import annotations
 
@@ -48,11 +50,11 @@ def choose_solver(solver: str, n_params: int, n_total: int) -> str:
 
 
 def bytes_per_step(solver: str, n_params: int, n_total: int, cg_iterations: int = 0) -> int:
-    """Bytes each rank sends into collectives for one SR solve (float64), for the logs."""
-    means = 8 * (2 * n_params + 2)  # <O> and <E_loc>, complex
+    """Bytes each rank receives from collectives for one SR solve (float64), for the logs."""
+    means = 8 * (2 * n_params + 2 + 2 * n_params)  # <O>, <E_loc>, F and the residual check
     body = {"dense": n_params * n_params + n_params,
             "cg": n_params * (1 + cg_iterations),
-            "kernel": 2 * n_total * (n_params + 1)}[solver]
+            "kernel": 2 * n_total * (n_params + 1 + 2 * n_total) + n_params}[solver]
     return means + 8 * body
 
 
@@ -130,10 +132,15 @@ def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solve
             return dist.allreduce_sum(X.T @ (X @ v)) / n_total + diag_shift * v
         x, iters = _cg(matvec, F, cg_tol, cg_maxiter)
     elif solver == "kernel":
+        # Each rank builds its own block of rows of T = X X^T against the gathered X (the build is
+        # split over ranks), the blocks are gathered, every rank solves the same system, and the
+        # direction X^T y is summed from the ranks' own rows.
+        m = X.shape[0]
         Xg = dist.allgather(X).reshape(-1, X.shape[1])
-        eg = dist.allgather(e).reshape(-1)
-        T = Xg @ Xg.T / n_total + diag_shift * jnp.eye(Xg.shape[0])
-        x = Xg.T @ _spd_solve(T, eg) / n_total
+        T = dist.allgather(X @ Xg.T).reshape(Xg.shape[0], Xg.shape[0]) / n_total
+        y = _spd_solve(T + diag_shift * jnp.eye(T.shape[0]), dist.allgather(e).reshape(-1))
+        mine = jax.lax.dynamic_slice_in_dim(y, dist.rank() * m, m)
+        x = dist.allreduce_sum(X.T @ mine) / n_total
     else:
         raise ValueError(f"optimizer.solver={solver!r}: not a concrete solver")
     # Residual of the regularized normal equations, as a check on the solve (one more matvec).

@@ -63,7 +63,7 @@ def _compose(*overrides: str):
 
 @pytest.mark.parametrize("group,options", [
     ("model", ["vit_factored", "vit_standard"]), ("lattice", ["square", "shastry_sutherland"]),
-    ("launcher", ["local", "slurm"]), ("experiment", ["paper_4x4", "paper_6x6", "size_sweep"])])
+    ("launcher", ["local", "slurm"]), ("experiment", ["bench_4x4", "paper_4x4", "paper_6x6", "size_sweep"])])
 def test_every_config_composes_and_validates(group: str, options: list[str]) -> None:
     on_disk = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, group)) if f.endswith(".yaml"))
     assert on_disk == sorted(options)

@@ -1,0 +1,91 @@
+"""Accuracy per wall-clock budget on 4x4, J2 = 0.5: train each attention kind for a fixed budget
+and measure the final energy on fresh samples.
+
+The budget covers everything after start-up (compilation, a short calibration that sets the
+number of SR steps so that the learning-rate schedule ends inside the budget, training and the
+final measurement). Settings come from conf/experiment/bench_4x4.yaml; extra dotted overrides
+apply to both kinds.
+
+usage: python scripts/bench_accuracy.py [--minutes 15] [--kinds factored,standard] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+from hydra import compose, initialize_config_dir
+
+from pipeline.__main__ import CONF_DIR
+from pipeline.config import validate
+from pipeline.driver import Driver
+from pipeline.system import System
+
+CALIBRATION_STEPS = 12
+FINAL_RESERVE_S = 45.0  # the final measurement on n_samples_final fresh samples
+
+
+def configure(kind: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=bench_4x4", f"model=vit_{kind}", *overrides])
+    return validate(cfg)
+
+
+def bench(kind: str, minutes: float, overrides: list[str]) -> dict:
+    start = time.perf_counter()
+    cfg = configure(kind, overrides)
+    system = System.build(cfg)
+    probe = Driver(system)
+    state = probe.fresh_state()
+    times = []
+    for _ in range(CALIBRATION_STEPS):
+        t = time.perf_counter()
+        state, _ = probe.step(state)
+        times.append(time.perf_counter() - t)
+    per_step = sorted(times[4:])[len(times[4:]) // 2]  # median after compilation
+    left = minutes * 60 - (time.perf_counter() - start) - FINAL_RESERVE_S
+    n_iter = max(int(left / (per_step * 1.03)), 10)
+    run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, n_iter=n_iter))
+    driver = Driver(dataclasses.replace(system, cfg=run_cfg))  # same jitted functions
+    state = driver.fresh_state()
+    t_train = time.perf_counter()
+    while state.step < n_iter:
+        state, rec = driver.step(state)
+        if state.step % 100 == 0:
+            print(f"  [{kind}] step {state.step}/{n_iter}: E/N = {rec['energy']:.6f} "
+                  f"± {rec['energy_error']:.6f}", flush=True)
+    train_s = time.perf_counter() - t_train
+    final = driver.measure(state)
+    return {"attention": kind, "params": driver.n_params, "solver": driver.solver,
+            "symmetry": cfg.model.symmetry, "steps": n_iter, "seconds_per_step": train_s / n_iter,
+            "energy_per_site": final["energy_per_site"], "energy_error": final["energy_error"],
+            "relative_error": final["relative_error"], "v_score": final["v_score"],
+            "wall_minutes": (time.perf_counter() - start) / 60}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=15.0)
+    ap.add_argument("--kinds", default="factored,standard")
+    ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    print(f"4x4 J2=0.5, exact E/N = -0.5286202095; budget {args.minutes:g} min per kind on "
+          f"{os.cpu_count()} cores", flush=True)
+    rows = [bench(k, args.minutes, args.overrides) for k in args.kinds.split(",")]
+    print(f"{'attention':>10} {'params':>7} {'solver':>7} {'symmetry':>12} {'steps':>6} {'s/step':>7} "
+          f"{'E/N (S.S units)':>22} {'rel. error':>10} {'minutes':>8}")
+    for r in rows:
+        print(f"{r['attention']:>10} {r['params']:>7} {r['solver']:>7} {r['symmetry']:>12} "
+              f"{r['steps']:>6} {r['seconds_per_step']:>7.3f} "
+              f"{r['energy_per_site']:>12.6f} ± {r['energy_error']:.6f} {r['relative_error']:>10.2e} "
+              f"{r['wall_minutes']:>8.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""One rank's part of the scaling benchmark: the same total work (samples, chains) on however many
+ranks this runs on. Rank 0 prints one JSON line: seconds per step, samples per second, and the
+share of the step spent in communication, measured by timing collectives of the sizes this
+solver moves per step (all-reduce / all-gather through the same mpi4jax path, inside jit).
+
+usage: mpirun -n K python scripts/bench_scaling.py [dotted=overrides ...]
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pipeline import dist
+from pipeline.config import Config, validate
+from pipeline.driver import Driver
+from pipeline.system import System
+
+
+def _config(overrides: list[str]) -> Config:
+    c = Config()
+    c.sampler.n_thermalize = 5
+    for item in overrides:
+        key, value = item.split("=", 1)
+        *path, last = key.split(".")
+        node = c
+        for p in path:
+            node = getattr(node, p)
+        setattr(node, last, type(getattr(node, last))(value))
+    return validate(c, dist.size())
+
+
+def _comm_seconds(solver: str, n_params: int, n_total: int, n_local: int, repeat: int = 5) -> float:
+    """Time the collectives of one SR solve (sizes as in pipeline.sr.solve)."""
+    if dist.size() == 1:
+        return 0.0
+    m = 2 * n_local
+
+    @jax.jit
+    def collectives(X, P2, v):
+        out = [dist.allreduce_sum(v), dist.allreduce_sum(v)]  # <O>, F
+        if solver == "dense":
+            out.append(dist.allreduce_sum(P2))
+        elif solver == "kernel":
+            out += [dist.allgather(X), dist.allgather(X[:, :m * dist.size()]), dist.allgather(X[:, 0])]
+        out.append(dist.allreduce_sum(v))
+        return out
+
+    X = jnp.ones((m, max(n_params, m * dist.size())))
+    P2 = jnp.ones((n_params, n_params)) if solver == "dense" else jnp.ones(1)
+    v = jnp.ones(n_params)
+    jax.block_until_ready(collectives(X, P2, v))
+    dist.barrier()
+    t = time.perf_counter()
+    for _ in range(repeat):
+        jax.block_until_ready(collectives(X, P2, v))
+    return (time.perf_counter() - t) / repeat
+
+
+def main(overrides: list[str]) -> None:
+    c = _config(overrides)
+    n_warm, n_steps = 3, 10
+    with dist.abort_on_error():
+        driver = Driver(System.build(c))
+        state = driver.fresh_state()
+        for _ in range(n_warm):  # compile every bucket size we are likely to meet
+            state, _ = driver.step(state)
+        dist.barrier()
+        t0 = time.perf_counter()
+        records = []
+        for _ in range(n_steps):
+            state, r = driver.step(state)
+            records.append(r)
+        seconds = (time.perf_counter() - t0) / n_steps
+        comm = _comm_seconds(driver.solver, driver.n_params, c.sampler.n_samples,
+                             c.sampler.n_samples // dist.size())
+        if driver.solver == "cg":  # one P-vector all-reduce per CG iteration on top
+            comm += float(np.mean([r["cg_iterations"] for r in records])) * comm / 3
+        if dist.is_root():
+            print(json.dumps({
+                "ranks": dist.size(), "solver": driver.solver, "params": driver.n_params,
+                "samples": c.sampler.n_samples, "seconds_per_step": seconds,
+                "samples_per_second": c.sampler.n_samples / seconds,
+                "t_sample": float(np.mean([r["t_sample"] for r in records])),
+                "t_energy": float(np.mean([r["t_energy"] for r in records])),
+                "t_sr": float(np.mean([r["t_sr"] for r in records])),
+                "comm_seconds": comm, "comm_share": comm / seconds,
+                "bytes_per_step": records[-1]["bytes_comm"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
