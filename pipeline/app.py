@@ -20,7 +20,7 @@ from . import checkpoint, dist, provenance, status
 from .config import Config, to_yaml, validate
 from .driver import Driver, RunState, StopRun
 from .hooks import CheckpointHook, ProgressHook, ResultsHook, SignalHook, StepLimitHook
-from .results import ResultsError
+from .results import ResultsError, read_final
 from .system import System
 
 EXIT_OK, EXIT_REQUEUE = 0, 3
@@ -151,6 +151,9 @@ def _train(c: Config, run_dir: str, progress_bar: bool) -> int:
                 f"{c.sampler.n_samples} samples on {c.sampler.n_chains} chains over "
                 f"{dist.size()} rank(s); run dir {run_dir}")
     state = restore_or_fresh(driver, ck.directory)
+    if state.step == 0 and os.path.exists(results.path) and results_finished(results.path):
+        raise ResultsError(f"results file {results.path} holds a finished run but there is no "
+                           "checkpoint to resume from; use another hydra.run.dir")
     if state.step > 0 and not os.path.exists(results.path):
         raise ResultsError(f"results file {results.path} is missing, but the run resumes from step "
                            f"{state.step}: its history would be incomplete. Restore the file, or "
@@ -174,6 +177,13 @@ def _train(c: Config, run_dir: str, progress_bar: bool) -> int:
             "energy_per_site", "energy_error", "relative_error")})
     dist.print0(summary(c, final))
     return EXIT_OK
+
+
+def results_finished(path: str) -> bool:
+    try:
+        return bool(read_final(path))
+    except OSError as e:
+        raise ResultsError(f"cannot read results file {path} ({e})") from e
 
 
 def summary(c: Config, f: dict) -> str:

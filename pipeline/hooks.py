@@ -6,6 +6,7 @@ import signal
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from . import checkpoint, dist
@@ -108,6 +109,8 @@ class CheckpointHook(BaseHook):
     def save(self, driver: Driver, state: RunState) -> None:
         if state.step == self.last_step:
             return
+        flat = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(state.params)])
+        dist.assert_same("parameters", flat)  # every rank applied the identical update
         chains = dist.gather_rows(np.asarray(state.chains))
         if dist.is_root():
             snap = checkpoint.Snapshot(state.step, state.params, state.opt_state, chains,

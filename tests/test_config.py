@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -86,3 +87,17 @@ def test_cli_reports_bad_input_in_one_line_before_computing(tmp_path) -> None:
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "error: model.heads=5: does not divide model.d=16"
     assert not os.path.exists(tmp_path / "run" / "results.h5")
+
+
+@pytest.mark.parametrize("experiment", ["bench_4x4", "paper_4x4", "paper_6x6", "size_sweep"])
+def test_every_experiment_runs_two_steps(experiment: str) -> None:
+    from pipeline.driver import Driver
+    from pipeline.system import System
+
+    c = validate(_compose(f"+experiment={experiment}", "run.n_iter=2", "sampler.n_thermalize=2",
+                          "sampler.n_chains=64", "sampler.n_samples=128",
+                          "sampler.n_samples_final=128"))
+    driver = Driver(System.build(c))
+    state, final = driver.run(driver.fresh_state())
+    assert state.step == 2 and np.isfinite(final["energy_per_site"])
+    assert final["energy_per_site"] < 0

@@ -266,3 +266,13 @@ def test_results_can_be_read_while_the_job_runs(tmp_path) -> None:
         proc.wait(timeout=240)
     assert proc.returncode == 0
     assert any(0 < n < 40 for n in seen), seen  # partial histories were readable mid-run
+
+
+def test_finished_results_without_checkpoints_are_not_overwritten(reference_run, tmp_path) -> None:
+    import shutil
+
+    shutil.copy(os.path.join(reference_run[0], "results.h5"), tmp_path / "results.h5")
+    before = _digest(tmp_path / "results.h5")
+    out = job(tmp_path, check=False)
+    assert out.returncode != 0 and "holds a finished run" in out.stderr
+    assert _digest(tmp_path / "results.h5") == before
