@@ -276,3 +276,14 @@ def test_finished_results_without_checkpoints_are_not_overwritten(reference_run,
     out = job(tmp_path, check=False)
     assert out.returncode != 0 and "holds a finished run" in out.stderr
     assert _digest(tmp_path / "results.h5") == before
+
+
+def test_aggregate_collects_final_energies(reference_run, tmp_path) -> None:
+    from pipeline import aggregate
+
+    rows = aggregate.collect([str(reference_run[0])])
+    assert len(rows) == 1 and rows[0]["L"] == 4 and rows[0]["model"] == "vit_factored"
+    final = results.read_final(os.path.join(reference_run[0], "results.h5"))
+    assert rows[0]["energy_per_site"] == final["energy_per_site"]
+    assert aggregate.main([str(reference_run[0]), "--csv", str(tmp_path / "t.csv")]) == 0
+    assert "energy_per_site" in (tmp_path / "t.csv").read_text().splitlines()[0]
