@@ -25,8 +25,9 @@ SMALL = ["model.d=8", "sampler.n_samples=256", "sampler.n_chains=64", "sampler.n
 N = 6
 
 
-def job(run_dir, *extra: str, launcher=(), check: bool = True) -> subprocess.CompletedProcess:
-    out = run_cli(*SMALL, f"run.n_iter={N}", f"hydra.run.dir={run_dir}", *extra, launcher=launcher)
+def job(run_dir, *extra: str, launcher=(), check: bool = True, n: int = N
+        ) -> subprocess.CompletedProcess:
+    out = run_cli(*SMALL, f"run.n_iter={n}", f"hydra.run.dir={run_dir}", *extra, launcher=launcher)
     if check:
         assert out.returncode == 0, out.stdout + out.stderr
     return out
@@ -95,12 +96,15 @@ def test_stop_and_resume_is_bit_identical(reference_run, tmp_path) -> None:
     assert_same_run(reference_run[0], tmp_path)
 
 
-def test_sigusr2_mid_run_checkpoints_requeues_and_resumes_identically(reference_run, tmp_path) -> None:
+def test_sigusr2_mid_run_checkpoints_requeues_and_resumes_identically(tmp_path) -> None:
+    n = 25  # long enough that the signal lands mid-run
+    job(tmp_path / "ref", n=n)
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    args = [PYTHON, "-m", "pipeline", *SMALL, f"run.n_iter={N}", f"hydra.run.dir={tmp_path}"]
+    run_dir = tmp_path / "job"
+    args = [PYTHON, "-m", "pipeline", *SMALL, f"run.n_iter={n}", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    res = os.path.join(tmp_path, "results.h5")
+    res = os.path.join(run_dir, "results.h5")
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
@@ -108,18 +112,23 @@ def test_sigusr2_mid_run_checkpoints_requeues_and_resumes_identically(reference_
                 break
         except (OSError, KeyError):
             pass
-        time.sleep(0.2)
+        time.sleep(0.1)
     proc.send_signal(signal.SIGUSR2)
     stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 3, stdout + stderr
     assert "received SIGUSR2" in stdout
-    status = json.load(open(os.path.join(tmp_path, "status.json")))
+    status = json.load(open(os.path.join(run_dir, "status.json")))
     assert status["state"] == "requeue" and status["requeues"] == 1
     stopped_at = status["step"]
-    assert 2 <= stopped_at < N
-    again = job(tmp_path)
+    assert 2 <= stopped_at < n
+    again = job(run_dir, n=n)
     assert f"resumed from step {stopped_at}" in again.stdout
-    assert_same_run(reference_run[0], tmp_path)
+    a, b = history(tmp_path / "ref"), history(run_dir)
+    np.testing.assert_array_equal(b["step"], np.arange(n))
+    for key in ("energy", "energy_error", "variance", "acceptance"):
+        np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+    for pa, pb in zip(last_params(tmp_path / "ref"), last_params(run_dir)):
+        np.testing.assert_array_equal(pb, pa)
 
 
 @pytest.mark.mpi
