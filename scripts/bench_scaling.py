@@ -92,5 +92,22 @@ def main(overrides: list[str]) -> None:
                 "bytes_per_step": records[-1]["bytes_comm"]}), flush=True)
 
 
+def table(lines: list[str]) -> None:
+    """Format the JSON lines of several runs (stdin of `--table`)."""
+    rows = [json.loads(line) for line in lines if line.startswith("{")]
+    print(f"{'ranks':>5} {'solver':>7} {'params':>7} {'samples':>7} {'s/step':>7} {'samples/s':>9} "
+          f"{'sample':>7} {'energy':>7} {'sr':>7} {'comm share':>10} {'MB/step':>8}")
+    for r in rows:
+        print(f"{r['ranks']:>5} {r['solver']:>7} {r['params']:>7} {r['samples']:>7} "
+              f"{r['seconds_per_step']:>7.3f} {r['samples_per_second']:>9.0f} {r['t_sample']:>7.3f} "
+              f"{r['t_energy']:>7.3f} {r['t_sr']:>7.3f} {100 * r['comm_share']:>9.1f}% "
+              f"{r['bytes_per_step'] / 1e6:>8.1f}")
+    if len(rows) == 2:
+        print(f"speed-up 1 -> 2 ranks: {rows[0]['seconds_per_step'] / rows[1]['seconds_per_step']:.2f}x")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:] == ["--table"]:
+        table(sys.stdin.readlines())
+    else:
+        main(sys.argv[1:])
