@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from . import checkpoint, dist, provenance, status
 from .config import Config, to_yaml, validate

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from . import dist
-from .hamiltonian import apply_chunked
 
 SOLVERS = ("auto", "dense", "cg", "kernel")
 DENSE_MAX_PARAMS = 4096

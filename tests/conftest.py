@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 
 import pipeline  # noqa: F401  (enables float64)
