@@ -98,23 +98,12 @@ def _setup_logging(run_dir: str) -> None:
         log.addHandler(sh)
 
 
-def _check_writable(run_dir: str) -> None:
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, f".write-test-{dist.rank()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise PermissionError(f"run directory {run_dir} is not writable ({e.strerror})") from e
-
-
 def run_job(cfg: DictConfig | Config, run_dir: str, progress_bar: bool = True) -> int:
     """Run (or resume) one VMC job in `run_dir`; see the module doc for the return value."""
     with dist.abort_on_error():
         c = validate(cfg, dist.size())
         run_dir = os.path.abspath(dist.bcast_object(run_dir))
-        _check_writable(run_dir)
+        status.ensure_writable(run_dir, "run directory")
         _setup_logging(run_dir)
         for line in dist.startup_report():
             dist.print0(line)
@@ -151,13 +140,10 @@ def _train(c: Config, run_dir: str, progress_bar: bool) -> int:
                 f"{c.sampler.n_samples} samples on {c.sampler.n_chains} chains over "
                 f"{dist.size()} rank(s); run dir {run_dir}")
     state = restore_or_fresh(driver, ck.directory)
-    if state.step == 0 and os.path.exists(results.path) and results_finished(results.path):
-        raise ResultsError(f"results file {results.path} holds a finished run but there is no "
-                           "checkpoint to resume from; use another hydra.run.dir")
-    if state.step > 0 and not os.path.exists(results.path):
-        raise ResultsError(f"results file {results.path} is missing, but the run resumes from step "
-                           f"{state.step}: its history would be incomplete. Restore the file, or "
-                           "move the checkpoints/ directory away to start over.")
+    problem = results_problem(results.path, state.step) if dist.is_root() else None
+    problem = dist.bcast_object(problem)  # rank 0 looks at the file; every rank stops alike
+    if problem:
+        raise ResultsError(problem)
     if dist.is_root():
         status.write(run_dir, "running", step=state.step, n_ranks=dist.size())
     try:
@@ -179,11 +165,21 @@ def _train(c: Config, run_dir: str, progress_bar: bool) -> int:
     return EXIT_OK
 
 
-def results_finished(path: str) -> bool:
-    try:
-        return bool(read_final(path))
-    except OSError as e:
-        raise ResultsError(f"cannot read results file {path} ({e})") from e
+def results_problem(path: str, step: int) -> str | None:
+    """Why results.h5 must not be (re)opened for a run starting at `step`, or None."""
+    if step > 0 and not os.path.exists(path):
+        return (f"results file {path} is missing, but the run resumes from step {step}: its history "
+                "would be incomplete. Restore the file, or move the checkpoints/ directory away to "
+                "start over.")
+    if step == 0 and os.path.exists(path):
+        try:
+            finished = bool(read_final(path))
+        except OSError as e:
+            return f"cannot read results file {path} ({e})"
+        if finished:
+            return (f"results file {path} holds a finished run but there is no checkpoint to "
+                    "resume from; use another hydra.run.dir")
+    return None
 
 
 def summary(c: Config, f: dict) -> str:

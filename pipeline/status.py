@@ -25,3 +25,16 @@ def write(run_dir: str, state: str, **fields: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
     os.replace(tmp, os.path.join(run_dir, FILE))
+
+
+def ensure_writable(path: str, what: str) -> None:
+    """Create directory `path` if needed and prove it writable, or raise PermissionError naming
+    `what` and the path (checked before anything is started or submitted)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"{what} {path} is not writable ({e.strerror})") from e

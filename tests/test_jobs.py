@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import checkpoint, results
-from pipeline.app import _check_writable
+from pipeline import checkpoint, results, status
 
 from conftest import PYTHON, ROOT, mpirun, run_cli
 
@@ -81,8 +80,8 @@ def test_results_layout_and_summary(reference_run) -> None:
         assert cfg["lattice"]["L"] == 4 and cfg["model"]["d"] == 8
         assert "per site" in f.attrs["units"]
         assert "jax" in yaml.safe_load(f.attrs["versions"])
-    status = json.load(open(os.path.join(run_dir, "status.json")))
-    assert status["state"] == "finished"
+    st = json.load(open(os.path.join(run_dir, "status.json")))
+    assert st["state"] == "finished"
     assert os.path.exists(os.path.join(run_dir, "logs", "rank0.log"))
 
 
@@ -116,9 +115,9 @@ def test_sigusr2_mid_run_checkpoints_requeues_and_resumes_identically(tmp_path) 
     stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 3, stdout + stderr
     assert "received SIGUSR2" in stdout
-    status = json.load(open(os.path.join(run_dir, "status.json")))
-    assert status["state"] == "requeue" and status["requeues"] == 1
-    stopped_at = status["step"]
+    st = json.load(open(os.path.join(run_dir, "status.json")))
+    assert st["state"] == "requeue" and st["requeues"] == 1
+    stopped_at = st["step"]
     assert 2 <= stopped_at < n
     again = job(run_dir, n=n)
     assert f"resumed from step {stopped_at}" in again.stdout
@@ -174,8 +173,8 @@ def test_rollback_then_clear_failure_on_exploding_energy(tmp_path) -> None:
     assert out.returncode != 0
     assert "rolled back to step 0" in out.stdout
     assert "gave up after 2 rollbacks" in out.stderr
-    status = json.load(open(os.path.join(tmp_path, "status.json")))
-    assert status["state"] == "failed" and "NonFiniteEnergy" in status["error"]
+    st = json.load(open(os.path.join(tmp_path, "status.json")))
+    assert st["state"] == "failed" and "NonFiniteEnergy" in st["error"]
 
 
 def _write_fake_checkpoint(run_dir, step: int, **attrs) -> str:
@@ -252,7 +251,7 @@ def test_unwritable_run_directory_is_an_error(tmp_path) -> None:
     assert out.returncode != 0
     assert "Not a directory" in out.stderr and str(blocker / "run") in out.stderr
     with pytest.raises(PermissionError, match=f"run directory {blocker}/run is not writable"):
-        _check_writable(str(blocker / "run"))
+        status.ensure_writable(str(blocker / "run"), "run directory")
 
 
 def test_results_can_be_read_while_the_job_runs(tmp_path) -> None:

@@ -65,3 +65,20 @@ def test_three_ranks_with_divisible_chains_run(tmp_path) -> None:
                   launcher=mpirun(3), timeout=300)
     assert out.returncode == 0, out.stderr
     assert "rank 2/3" in out.stdout and "final: L=4" in out.stdout
+
+
+def test_one_device_per_rank_from_the_local_rank(monkeypatch) -> None:
+    """CUDA_VISIBLE_DEVICES comes from the node-local rank unless the user set it."""
+    from pipeline import devices
+
+    for name in ("CUDA_VISIBLE_DEVICES", "XLA_FLAGS", "VITNQS_NO_PIN", "OMPI_COMM_WORLD_LOCAL_RANK",
+                 "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")
+    devices.pin()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert "intra_op_parallelism_threads=1" in os.environ["XLA_FLAGS"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    devices.pin()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"

@@ -73,15 +73,11 @@ def _describe(la: LauncherConfig) -> str:
             f"mem_gb={la.mem_gb}, timeout_min={la.timeout_min}")
 
 
-def _check_folder(folder: str) -> None:
+def _check_folder(folder: str, what: str) -> None:
     try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise SubmissionError(f"submitit folder {folder} is not writable ({e.strerror})") from e
+        status.ensure_writable(folder, what)
+    except PermissionError as e:
+        raise SubmissionError(str(e)) from e
 
 
 def submit(points: list[tuple[Config, str]], base_dir: str) -> list[Any]:
@@ -94,11 +90,11 @@ def submit(points: list[tuple[Config, str]], base_dir: str) -> list[Any]:
     for c, run_dir in points:
         groups.setdefault(OmegaConf.to_yaml(OmegaConf.structured(c.launcher)), []).append((c, run_dir))
     folder = os.path.join(base_dir, points[0][0].launcher.folder)
-    _check_folder(folder)
+    _check_folder(folder, "submitit folder")
     for group in groups.values():  # every check before the first submission
         test_resources(group[0][0].launcher)
     for _, run_dir in points:
-        _check_folder(run_dir)
+        _check_folder(run_dir, "run directory")
     jobs = []
     for group in groups.values():
         la = group[0][0].launcher
