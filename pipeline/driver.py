@@ -41,7 +41,7 @@ class RunState:
 
     step: int
     params: Any
-    opt_state: Any
+    opt_state: Any  # (optax state, previous SR direction): see `Driver.init_opt_state`
     chains: jax.Array  # this rank's chains (C_local, N) int8
     lr_scale: float = 1.0  # lowered by each rollback
 
@@ -91,11 +91,16 @@ class Driver:
         if self.cfg.sampler.n_thermalize:
             chains, _ = self.system.sampler.run(params, chains, self._keys(THERMALIZE, 0),
                                                 self.cfg.sampler.n_thermalize)
-        return RunState(0, params, self.optimizer.init(params), chains)
+        return RunState(0, params, self.init_opt_state(params), chains)
+
+    def init_opt_state(self, params) -> tuple[Any, Any]:
+        """The optax state (learning-rate schedule) and the previous SR direction (zero), which
+        momentum (optimizer.momentum) carries over from step to step."""
+        return self.optimizer.init(params), jax.tree_util.tree_map(jnp.zeros_like, params)
 
     def fresh_state_templates(self) -> tuple[Any, Any]:
         """(parameters, optimizer state) of the right structure, for reading checkpoints."""
-        return self.params_template, self.optimizer.init(self.params_template)
+        return self.params_template, self.init_opt_state(self.params_template)
 
     def diag_shift(self, step: int) -> float:
         o = self.cfg.optimizer
@@ -122,13 +127,15 @@ class Driver:
             state.params, state.chains, self._keys(STEP, state.step), self.n_per_chain)
         shift = self.diag_shift(state.step)
         o = self.cfg.optimizer
+        optax_state, previous = state.opt_state
         direction, info = sr.direction(self.system.logpsi, state.params, smp.s, eloc,
                                        self.cfg.sampler.n_samples, jnp.asarray(shift),
                                        self.solver, self.cfg.model.chunk_size, o.cg_tol,
-                                       o.cg_maxiter)
-        direction = jax.tree_util.tree_map(lambda g: g * state.lr_scale, direction)
-        updates, opt_state = self.optimizer.update(direction, state.opt_state, state.params)
+                                       o.cg_maxiter, previous, jnp.asarray(o.momentum))
+        scaled = jax.tree_util.tree_map(lambda g: g * state.lr_scale, direction)
+        updates, optax_state = self.optimizer.update(scaled, optax_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        opt_state = (optax_state, direction)
         jax.block_until_ready(params)
         t3 = time.perf_counter()
         cg_iters = int(info.cg_iterations)

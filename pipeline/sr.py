@@ -5,6 +5,13 @@ ranks' samples) and X = [Re dO; Im dO] (rows: samples, columns: parameters):
   S = X^T X / N_tot,  F = X^T [Re dE; Im dE] / N_tot,  direction = (S + lambda I)^{-1} F.
 The update is theta <- theta - lr * direction (the optimizer applies lr).
 
+Momentum (SPRING, Goldshmidt et al. 2024) with coefficient mu and the previous direction phi:
+  direction = (S + lambda I)^{-1} (F + mu lambda phi)
+            = X^T (X X^T / N_tot + lambda I)^{-1} (e - mu X phi) / N_tot + mu phi   (kernel form).
+Where the samples resolve S the update is plain SR; in the directions they do not resolve (all but
+2 N_tot of them when P > 2 N_tot) the previous direction is carried on with weight mu, so
+information accumulates over steps instead of being forgotten. mu = 0 is plain SR / minSR.
+
 Solvers (all give the same direction up to round-off or the CG tolerance):
   dense   partial sums of S and F all-reduced, Cholesky (eigen-decomposition if not positive
           definite); P^2 memory and communication.
@@ -119,17 +126,22 @@ def _cg(matvec: Callable, b: jax.Array, tol: float, maxiter: int) -> tuple[jax.A
 
 
 def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solver: str,
-          cg_tol: float = 1e-8, cg_maxiter: int = 500) -> tuple[jax.Array, SRInfo]:
-    """The SR direction (S + lambda I)^{-1} F from this rank's rows X, e (see module doc)."""
+          cg_tol: float = 1e-8, cg_maxiter: int = 500, previous: jax.Array | None = None,
+          momentum: jax.Array | float = 0.0) -> tuple[jax.Array, SRInfo]:
+    """The SR direction (S + lambda I)^{-1} (F + mu lambda phi) from this rank's rows X, e and
+    the previous direction phi (see module doc; phi = None or mu = 0 is plain SR)."""
     F = dist.allreduce_sum(X.T @ e) / n_total
+    if previous is None:
+        previous, momentum = jnp.zeros_like(F), 0.0
+    rhs = F + momentum * diag_shift * previous
     iters = jnp.zeros((), jnp.int32)
     if solver == "dense":
         S = dist.allreduce_sum(X.T @ X) / n_total
-        x = _spd_solve(S + diag_shift * jnp.eye(S.shape[0]), F)
+        x = _spd_solve(S + diag_shift * jnp.eye(S.shape[0]), rhs)
     elif solver == "cg":
         def matvec(v):
             return dist.allreduce_sum(X.T @ (X @ v)) / n_total + diag_shift * v
-        x, iters = _cg(matvec, F, cg_tol, cg_maxiter)
+        x, iters = _cg(matvec, rhs, cg_tol, cg_maxiter)
     elif solver == "kernel":
         # Each rank builds its own block of rows of T = X X^T against the gathered X (the build is
         # split over ranks), the blocks are gathered, every rank solves the same system, and the
@@ -137,23 +149,26 @@ def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solve
         m = X.shape[0]
         Xg = dist.allgather(X).reshape(-1, X.shape[1])
         T = dist.allgather(X @ Xg.T).reshape(Xg.shape[0], Xg.shape[0]) / n_total
-        y = _spd_solve(T + diag_shift * jnp.eye(T.shape[0]), dist.allgather(e).reshape(-1))
+        zeta = dist.allgather(e - momentum * (X @ previous)).reshape(-1)
+        y = _spd_solve(T + diag_shift * jnp.eye(T.shape[0]), zeta)
         mine = jax.lax.dynamic_slice_in_dim(y, dist.rank() * m, m)
-        x = dist.allreduce_sum(X.T @ mine) / n_total
+        x = dist.allreduce_sum(X.T @ mine) / n_total + momentum * previous
     else:
         raise ValueError(f"optimizer.solver={solver!r}: not a concrete solver")
     # Residual of the regularized normal equations, as a check on the solve (one more matvec).
-    r = dist.allreduce_sum(X.T @ (X @ x)) / n_total + diag_shift * x - F
-    res = jnp.linalg.norm(r) / jnp.maximum(jnp.linalg.norm(F), 1e-300)
+    r = dist.allreduce_sum(X.T @ (X @ x)) / n_total + diag_shift * x - rhs
+    res = jnp.linalg.norm(r) / jnp.maximum(jnp.linalg.norm(rhs), 1e-300)
     return x, SRInfo(iters, res)
 
 
 @partial(jax.jit, static_argnames=("logpsi", "n_total", "solver", "chunk", "cg_maxiter"))
 def direction(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: int,
               diag_shift: jax.Array, solver: str, chunk: int = 0, cg_tol: float = 1e-8,
-              cg_maxiter: int = 500):
-    """The SR direction as a parameter pytree, with solve diagnostics."""
+              cg_maxiter: int = 500, previous=None, momentum: jax.Array | float = 0.0):
+    """The SR direction as a parameter pytree (`previous`: the last one, for momentum), with
+    solve diagnostics."""
     O = log_derivatives(logpsi, params, s, chunk)
     X, e = centred_rows(O, eloc, n_total)
-    x, info = solve(X, e, n_total, diag_shift, solver, cg_tol, cg_maxiter)
+    prev = None if previous is None else ravel_pytree(previous)[0]
+    x, info = solve(X, e, n_total, diag_shift, solver, cg_tol, cg_maxiter, prev, momentum)
     return ravel_pytree(params)[1](x), info

@@ -95,7 +95,7 @@ def test_stop_and_resume_is_bit_identical(reference_run, tmp_path) -> None:
 
 
 def test_sigusr2_mid_run_checkpoints_requeues_and_resumes_identically(tmp_path) -> None:
-    n = 25  # long enough that the signal lands mid-run
+    n = 40
     job(tmp_path / "ref", n=n)
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     run_dir = tmp_path / "job"
@@ -110,8 +110,12 @@ def test_sigusr2_mid_run_checkpoints_requeues_and_resumes_identically(tmp_path) 
                 break
         except (OSError, KeyError):
             pass
-        time.sleep(0.1)
+        time.sleep(0.01)
+    # Frozen while the signal arrives, so the run cannot finish first however fast the machine.
+    proc.send_signal(signal.SIGSTOP)
+    assert len(results.read_history(res)["step"]) < n - 1
     proc.send_signal(signal.SIGUSR2)
+    proc.send_signal(signal.SIGCONT)
     stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 3, stdout + stderr
     assert "received SIGUSR2" in stdout

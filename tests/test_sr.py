@@ -32,18 +32,29 @@ def _random_problem(n=64, P=40, seed=0):
     return jnp.asarray(O), jnp.asarray(E)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("n,P", [(64, 40), (32, 100)])
-def test_solvers_agree(n: int, P: int) -> None:
+def test_solvers_agree(n: int, P: int, momentum: float) -> None:
     O, E = _random_problem(n, P)
+    previous = jnp.asarray(np.random.default_rng(1).normal(size=P))
     X, e = sr.centred_rows(O, E, n)
     shift = jnp.asarray(1e-3)
-    sols = {name: np.asarray(sr.solve(X, e, n, shift, name, 1e-12, 2000)[0])
+    sols = {name: np.asarray(sr.solve(X, e, n, shift, name, 1e-12, 2000, previous, momentum)[0])
             for name in ("dense", "cg", "kernel")}
-    # Reference: S and F written out from the formulas of science.md.
+    # Reference: S and F written out from the formulas of science.md; with momentum, SPRING in
+    # its sample-space form phi = Y^T (Y Y^T + lambda)^{-1} (eps - mu Y phi_prev) + mu phi_prev,
+    # Y = [Re dO; Im dO] / sqrt(n), eps = [Re dE; Im dE] / sqrt(n).
     dO, dE = np.asarray(O - O.mean(0)), np.asarray(E - E.mean())
     S = (dO.conj().T @ dO).real / n
     F = (dO.conj().T @ dE).real / n
-    ref = np.linalg.solve(S + 1e-3 * np.eye(P), F)
+    if momentum == 0.0:
+        ref = np.linalg.solve(S + 1e-3 * np.eye(P), F)
+    else:
+        Y = np.concatenate([dO.real, dO.imag]) / np.sqrt(n)
+        eps = np.concatenate([dE.real, dE.imag]) / np.sqrt(n)
+        prev = np.asarray(previous)
+        zeta = eps - momentum * Y @ prev
+        ref = Y.T @ np.linalg.solve(Y @ Y.T + 1e-3 * np.eye(2 * n), zeta) + momentum * prev
     for name, x in sols.items():
         np.testing.assert_allclose(x, ref, rtol=1e-6, atol=1e-8, err_msg=name)
 
