@@ -21,6 +21,7 @@ def main(out: str, solver: str, n_steps: int) -> None:
     c.model.d, c.model.heads = 8, 2
     c.sampler.n_samples, c.sampler.n_chains, c.sampler.n_thermalize = 256, 64, 4
     c.optimizer.solver, c.optimizer.warmup = solver, 0
+    c.optimizer.momentum = 0.9  # the SPRING terms are distributed too (rows of X phi_prev)
     c.optimizer.cg_tol, c.optimizer.cg_maxiter = 1e-10, 5000  # converged: no round-off amplification
     c.run.n_iter = n_steps
     c = validate(c, dist.size())
