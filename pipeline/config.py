@@ -65,7 +65,7 @@ class OptimizerConfig:
     diag_shift: float = 1e-3  # lambda in (S + lambda I)
     diag_shift_final: float = 1e-4  # lambda decays geometrically to this value
     solver: str = "auto"  # auto | dense | cg | kernel
-    momentum: float = 0.0  # SPRING momentum mu on the SR direction, 0 <= mu < 1 (0: plain SR)
+    momentum: float = 0.9  # SPRING momentum mu on the SR direction, 0 <= mu < 1 (0: plain SR)
     cg_tol: float = 1e-6
     cg_maxiter: int = 200
 
