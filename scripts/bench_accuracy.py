@@ -21,11 +21,12 @@ from hydra import compose, initialize_config_dir
 from pipeline.__main__ import CONF_DIR
 from pipeline.config import validate
 from pipeline.driver import Driver
+from pipeline.models import group
 from pipeline.system import System
 
 CALIBRATION_STEPS = 12
-FINAL_RESERVE_S = 40.0  # the final measurement on n_samples_final fresh samples
-PROJECTED_RESERVE_S = 110.0  # the measurement of the fully projected state (64 images)
+PROJECTED_SAMPLES = 8192
+SAFETY = 1.3  # margin on the measurement times predicted from the calibration steps
 
 
 def configure(kind: str, overrides: list[str]):
@@ -40,13 +41,19 @@ def bench(kind: str, minutes: float, overrides: list[str]) -> dict:
     system = System.build(cfg)
     probe = Driver(system)
     state = probe.fresh_state()
-    times = []
+    times, sampling = [], []
     for _ in range(CALIBRATION_STEPS):
         t = time.perf_counter()
-        state, _ = probe.step(state)
+        state, rec = probe.step(state)
         times.append(time.perf_counter() - t)
-    per_step = sorted(times[4:])[len(times[4:]) // 2]  # median after compilation
-    left = minutes * 60 - (time.perf_counter() - start) - FINAL_RESERVE_S - PROJECTED_RESERVE_S
+        sampling.append(rec["t_sample"] + rec["t_energy"])
+    per_step, per_estimate = (sorted(x[4:])[len(x[4:]) // 2] for x in (times, sampling))  # medians
+    # The measurements cost what sampling and local energies cost per step, scaled by their
+    # sample counts and (projected) by the group size: full (64 images) over the training one.
+    images = len(group(system.lattice, "full")[0]) / len(group(system.lattice, cfg.model.symmetry)[0])
+    reserve = SAFETY * per_estimate * (cfg.sampler.n_samples_final
+                                       + images * PROJECTED_SAMPLES) / cfg.sampler.n_samples
+    left = minutes * 60 - (time.perf_counter() - start) - reserve
     n_iter = max(int(left / (per_step * 1.03)), 10)
     run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, n_iter=n_iter))
     driver = Driver(dataclasses.replace(system, cfg=run_cfg))  # same jitted functions
@@ -65,7 +72,8 @@ def bench(kind: str, minutes: float, overrides: list[str]) -> dict:
     # for the final measurement only: it lowers the energy without retraining.
     full_cfg = dataclasses.replace(run_cfg, model=dataclasses.replace(run_cfg.model, symmetry="full",
                                                                       chunk_size=2048),
-                                   sampler=dataclasses.replace(run_cfg.sampler, n_samples_final=8192))
+                                   sampler=dataclasses.replace(run_cfg.sampler,
+                                                               n_samples_final=PROJECTED_SAMPLES))
     projected = Driver(System.build(full_cfg)).measure(state)
     return {"attention": kind, "params": driver.n_params, "solver": driver.solver,
             "symmetry": cfg.model.symmetry, "steps": n_iter, "seconds_per_step": train_s / n_iter,
