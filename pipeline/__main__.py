@@ -28,17 +28,25 @@ def main(cfg: DictConfig) -> None:
 
             slurm.enqueue(cfg, run_dir)
             return
-        from .app import run_job
+        from .app import USER_ERRORS, run_job
 
-        code = run_job(cfg, run_dir)
+        try:
+            code = run_job(cfg, run_dir)
+        except USER_ERRORS as e:
+            _refuse(e)
     except ConfigError as e:
-        from . import dist
-
-        if dist.is_root():
-            sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+        _refuse(e)
     if code:
         sys.exit(code)
+
+
+def _refuse(e: Exception) -> None:
+    """One line on stderr (rank 0) and exit status 2, for input the run cannot accept."""
+    from . import dist
+
+    if dist.is_root():
+        sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
 
 
 if __name__ == "__main__":

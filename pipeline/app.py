@@ -29,6 +29,9 @@ EXIT_OK, EXIT_REQUEUE = 0, 3
 ALWAYS_CHANGEABLE = ("checkpoint.", "launcher.", "model.chunk_size", "sampler.n_samples_final",
                      "run.allow_changed", "run.max_rollbacks", "run.steps_per_job")
 log = logging.getLogger("vitnqs")
+# Errors that refuse a run for a stated reason (bad files, a run directory of another run):
+# `python -m pipeline` prints them as one line, like bad config values.
+USER_ERRORS = (checkpoint.CheckpointError, ResultsError)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -115,7 +118,10 @@ def run_job(cfg: DictConfig | Config, run_dir: str, progress_bar: bool = True) -
         except Exception as e:
             if dist.is_root():
                 status.write(run_dir, "failed", error=f"{type(e).__name__}: {e}")
-            log.exception("run failed")
+            if isinstance(e, USER_ERRORS):  # a refusal with its reason: no traceback needed
+                log.info("run refused: %s", e)  # rank log only: stderr gets one line
+            else:
+                log.exception("run failed")
             raise
 
 
