@@ -126,13 +126,11 @@ def _cg(matvec: Callable, b: jax.Array, tol: float, maxiter: int) -> tuple[jax.A
 
 
 def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solver: str,
-          cg_tol: float = 1e-8, cg_maxiter: int = 500, previous: jax.Array | None = None,
-          momentum: jax.Array | float = 0.0) -> tuple[jax.Array, SRInfo]:
+          cg_tol: float, cg_maxiter: int, previous: jax.Array,
+          momentum: jax.Array | float) -> tuple[jax.Array, SRInfo]:
     """The SR direction (S + lambda I)^{-1} (F + mu lambda phi) from this rank's rows X, e and
-    the previous direction phi (see module doc; phi = None or mu = 0 is plain SR)."""
+    the previous direction phi (see module doc; mu = 0 is plain SR)."""
     F = dist.allreduce_sum(X.T @ e) / n_total
-    if previous is None:
-        previous, momentum = jnp.zeros_like(F), 0.0
     rhs = F + momentum * diag_shift * previous
     iters = jnp.zeros((), jnp.int32)
     if solver == "dense":
@@ -163,12 +161,12 @@ def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solve
 
 @partial(jax.jit, static_argnames=("logpsi", "n_total", "solver", "chunk", "cg_maxiter"))
 def direction(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: int,
-              diag_shift: jax.Array, solver: str, chunk: int = 0, cg_tol: float = 1e-8,
-              cg_maxiter: int = 500, previous=None, momentum: jax.Array | float = 0.0):
+              diag_shift: jax.Array, solver: str, chunk: int, cg_tol: float, cg_maxiter: int,
+              previous, momentum: jax.Array | float):
     """The SR direction as a parameter pytree (`previous`: the last one, for momentum), with
     solve diagnostics."""
     O = log_derivatives(logpsi, params, s, chunk)
     X, e = centred_rows(O, eloc, n_total)
-    prev = None if previous is None else ravel_pytree(previous)[0]
-    x, info = solve(X, e, n_total, diag_shift, solver, cg_tol, cg_maxiter, prev, momentum)
+    x, info = solve(X, e, n_total, diag_shift, solver, cg_tol, cg_maxiter,
+                    ravel_pytree(previous)[0], momentum)
     return ravel_pytree(params)[1](x), info
