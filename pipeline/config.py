@@ -66,6 +66,8 @@ class OptimizerConfig:
     diag_shift_final: float = 1e-4  # lambda decays geometrically to this value
     solver: str = "auto"  # auto | dense | cg | kernel
     momentum: float = 0.9  # SPRING momentum mu on the SR direction, 0 <= mu < 1 (0: plain SR)
+    phase_scale: float = 1.0  # phase time step / amplitude time step (1: plain SR)
+    phase_scale_final: float = 1.0  # decays geometrically to this value, like diag_shift
     cg_tol: float = 1e-6
     cg_maxiter: int = 200
 
@@ -170,6 +172,9 @@ def validate(cfg: DictConfig | Config, n_ranks: int = 1) -> Config:
     _require(o.solver in SOLVERS, "optimizer.solver", o.solver, f"unknown solver, expected one of {SOLVERS}")
     _require(o.cg_tol > 0, "optimizer.cg_tol", o.cg_tol, "must be positive")
     _require(0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "must be in [0, 1)")
+    _require(o.phase_scale > 0, "optimizer.phase_scale", o.phase_scale, "must be positive")
+    _require(o.phase_scale_final > 0, "optimizer.phase_scale_final", o.phase_scale_final,
+             "must be positive")
     _require(o.cg_maxiter > 0, "optimizer.cg_maxiter", o.cg_maxiter, "must be positive")
     _require(r.n_iter > 0, "run.n_iter", r.n_iter, "must be positive")
     _require(r.seed >= 0, "run.seed", r.seed, "must be >= 0")

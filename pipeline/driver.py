@@ -102,10 +102,18 @@ class Driver:
         """(parameters, optimizer state) of the right structure, for reading checkpoints."""
         return self.params_template, self.init_opt_state(self.params_template)
 
+    def _decay(self, step: int, start: float, end: float) -> float:
+        """Geometric interpolation from `start` at step 0 to `end` at run.n_iter."""
+        frac = min(step / max(self.cfg.run.n_iter, 1), 1.0)
+        return start * (end / start) ** frac
+
     def diag_shift(self, step: int) -> float:
         o = self.cfg.optimizer
-        frac = min(step / max(self.cfg.run.n_iter, 1), 1.0)
-        return o.diag_shift * (o.diag_shift_final / o.diag_shift) ** frac
+        return self._decay(step, o.diag_shift, o.diag_shift_final)
+
+    def phase_scale(self, step: int) -> float:
+        o = self.cfg.optimizer
+        return self._decay(step, o.phase_scale, o.phase_scale_final)
 
     # ---- one step --------------------------------------------------------------------------
     def estimate(self, params, chains, keys, n_per_chain: int):
@@ -125,12 +133,12 @@ class Driver:
         N = self.system.n_sites
         chains, smp, eloc, st, acc, (t0, t1, t2) = self.estimate(
             state.params, state.chains, self._keys(STEP, state.step), self.n_per_chain)
-        shift = self.diag_shift(state.step)
+        shift, kappa = self.diag_shift(state.step), self.phase_scale(state.step)
         o = self.cfg.optimizer
         optax_state, previous = state.opt_state
         direction, info = sr.direction(self.system.logpsi, state.params, smp.s, eloc,
                                        self.cfg.sampler.n_samples, jnp.asarray(shift),
-                                       self.solver, self.cfg.model.chunk_size, o.cg_tol,
+                                       jnp.asarray(kappa), self.solver, self.cfg.model.chunk_size, o.cg_tol,
                                        o.cg_maxiter, previous, jnp.asarray(o.momentum))
         scaled = jax.tree_util.tree_map(lambda g: g * state.lr_scale, direction)
         updates, optax_state = self.optimizer.update(scaled, optax_state, state.params)
@@ -151,6 +159,7 @@ class Driver:
             "t_sample": t1 - t0, "t_energy": t2 - t1, "t_sr": t3 - t2,
             "lr": float(self.lr(state.step)) * state.lr_scale,
             "diag_shift": shift,
+            "phase_scale": kappa,
             "cg_iterations": cg_iters,
             "sr_residual": float(info.residual),
             "bytes_comm": sr.bytes_per_step(self.solver, self.n_params,

@@ -18,8 +18,8 @@ import h5py
 import numpy as np
 
 HISTORY = ("step", "energy", "energy_error", "energy_imag", "variance", "acceptance", "r_hat",
-           "seconds", "t_sample", "t_energy", "t_sr", "lr", "diag_shift", "cg_iterations",
-           "sr_residual", "bytes_comm")
+           "seconds", "t_sample", "t_energy", "t_sr", "lr", "diag_shift", "phase_scale",
+           "cg_iterations", "sr_residual", "bytes_comm")
 INTEGER = ("step", "cg_iterations", "bytes_comm")
 UNITS = "energies per site in S.S units (H = J1 sum S_i.S_j + J2 sum S_i.S_j); variance = Var(E_loc)/N"
 

@@ -12,6 +12,13 @@ Where the samples resolve S the update is plain SR; in the directions they do no
 2 N_tot of them when P > 2 N_tot) the previous direction is carried on with weight mu, so
 information accumulates over steps instead of being forgotten. mu = 0 is plain SR / minSR.
 
+Phase scale kappa: SR fits one imaginary-time step, Re d log psi = -tau Re dE for the amplitudes
+and Im d log psi = -tau Im dE for the phases (the rows of X). kappa > 1 takes a longer step for the
+phases: e = [Re dE; kappa Im dE]. At a real state with the signs of a sign rule, Im dE vanishes and
+plain SR leaves it only through slowly growing phase fluctuations; a longer phase step speeds that
+up. Its stationary points are energy minima only for kappa = 1, hence the decay to
+optimizer.phase_scale_final.
+
 Solvers (all give the same direction up to round-off or the CG tolerance):
   dense   partial sums of S and F all-reduced, Cholesky (eigen-decomposition if not positive
           definite); P^2 memory and communication.
@@ -80,12 +87,15 @@ def log_derivatives(logpsi: Callable, params, s: jax.Array, chunk: int = 0) -> j
     return J[:, 0] + 1j * J[:, 1]
 
 
-def centred_rows(O: jax.Array, eloc: jax.Array, n_total: int) -> tuple[jax.Array, jax.Array]:
-    """X = [Re dO; Im dO] and e = [Re dE; Im dE] with means over all ranks."""
+def centred_rows(O: jax.Array, eloc: jax.Array, n_total: int,
+                 phase_scale: jax.Array | float) -> tuple[jax.Array, jax.Array]:
+    """X = [Re dO; Im dO] and e = [Re dE; kappa Im dE] with means over all ranks (kappa: the
+    phase time step relative to the amplitude one; 1 for plain SR)."""
     mean_O = dist.allreduce_sum(O.sum(0)) / n_total
     mean_E = dist.allreduce_sum(eloc.sum()) / n_total
     dO, dE = O - mean_O, eloc - mean_E
-    return (jnp.concatenate([dO.real, dO.imag]), jnp.concatenate([dE.real, dE.imag]))
+    return (jnp.concatenate([dO.real, dO.imag]),
+            jnp.concatenate([dE.real, phase_scale * dE.imag]))
 
 
 def _spd_solve(A: jax.Array, b: jax.Array) -> jax.Array:
@@ -161,12 +171,12 @@ def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solve
 
 @partial(jax.jit, static_argnames=("logpsi", "n_total", "solver", "chunk", "cg_maxiter"))
 def direction(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: int,
-              diag_shift: jax.Array, solver: str, chunk: int, cg_tol: float, cg_maxiter: int,
-              previous, momentum: jax.Array | float):
+              diag_shift: jax.Array, phase_scale: jax.Array, solver: str, chunk: int,
+              cg_tol: float, cg_maxiter: int, previous, momentum: jax.Array | float):
     """The SR direction as a parameter pytree (`previous`: the last one, for momentum), with
     solve diagnostics."""
     O = log_derivatives(logpsi, params, s, chunk)
-    X, e = centred_rows(O, eloc, n_total)
+    X, e = centred_rows(O, eloc, n_total, phase_scale)
     x, info = solve(X, e, n_total, diag_shift, solver, cg_tol, cg_maxiter,
                     ravel_pytree(previous)[0], momentum)
     return ravel_pytree(params)[1](x), info

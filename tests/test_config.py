@@ -32,6 +32,7 @@ BAD = [
     ({"optimizer.diag_shift": -1e-3}, "optimizer.diag_shift=-0.001"),
     ({"optimizer.cg_maxiter": 0}, "optimizer.cg_maxiter=0"),
     ({"optimizer.momentum": 1.0}, "optimizer.momentum=1.0: must be in [0, 1)"),
+    ({"optimizer.phase_scale": 0.0}, "optimizer.phase_scale=0.0: must be positive"),
     ({"run.n_iter": 0}, "run.n_iter=0: must be positive"),
     ({"run.n_iter": -5}, "run.n_iter=-5"),
     ({"run.seed": -1}, "run.seed=-1"),

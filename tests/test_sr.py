@@ -32,19 +32,21 @@ def _random_problem(n=64, P=40, seed=0):
     return jnp.asarray(O), jnp.asarray(E)
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("momentum,kappa", [(0.0, 1.0), (0.9, 1.0), (0.0, 3.0), (0.9, 3.0)])
 @pytest.mark.parametrize("n,P", [(64, 40), (32, 100)])
-def test_solvers_agree(n: int, P: int, momentum: float) -> None:
+def test_solvers_agree(n: int, P: int, momentum: float, kappa: float) -> None:
     O, E = _random_problem(n, P)
     previous = jnp.asarray(np.random.default_rng(1).normal(size=P))
-    X, e = sr.centred_rows(O, E, n)
+    X, e = sr.centred_rows(O, E, n, kappa)
     shift = jnp.asarray(1e-3)
     sols = {name: np.asarray(sr.solve(X, e, n, shift, name, 1e-12, 2000, previous, momentum)[0])
             for name in ("dense", "cg", "kernel")}
     # Reference: S and F written out from the formulas of science.md; with momentum, SPRING in
     # its sample-space form phi = Y^T (Y Y^T + lambda)^{-1} (eps - mu Y phi_prev) + mu phi_prev,
-    # Y = [Re dO; Im dO] / sqrt(n), eps = [Re dE; Im dE] / sqrt(n).
+    # Y = [Re dO; Im dO] / sqrt(n), eps = [Re dE; Im dE] / sqrt(n). The phase scale kappa
+    # multiplies the phase equations' right-hand side: Im dE -> kappa Im dE.
     dO, dE = np.asarray(O - O.mean(0)), np.asarray(E - E.mean())
+    dE = dE.real + 1j * kappa * dE.imag
     S = (dO.conj().T @ dO).real / n
     F = (dO.conj().T @ dE).real / n
     if momentum == 0.0:

@@ -22,6 +22,7 @@ def main(out: str, solver: str, n_steps: int) -> None:
     c.sampler.n_samples, c.sampler.n_chains, c.sampler.n_thermalize = 256, 64, 4
     c.optimizer.solver, c.optimizer.warmup = solver, 0
     c.optimizer.momentum = 0.9  # the SPRING terms are distributed too (rows of X phi_prev)
+    c.optimizer.phase_scale, c.optimizer.phase_scale_final = 10.0, 2.0  # and the phase scale
     c.optimizer.cg_tol, c.optimizer.cg_maxiter = 1e-10, 5000  # converged: no round-off amplification
     c.run.n_iter = n_steps
     c = validate(c, dist.size())

@@ -1,0 +1,79 @@
+"""Train with the accuracy-benchmark settings for a fixed number of SR steps and print, every K
+steps, the exact energy of the variational state (a full sum over the Sz = 0 sector, N <= 20),
+then where the remaining error sits: the sign structure or the amplitudes.
+
+The exact sums are not timed and do not touch the run (its random streams and updates are those of
+an ordinary run). Used for the tables in README, "Accuracy per wall-clock budget".
+
+usage: python scripts/track_exact.py [--kind factored] [--steps 300] [--every 50] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from bench_accuracy import configure
+from pipeline import exact
+from pipeline.driver import Driver
+from pipeline.system import System
+
+BATCH = 2048
+
+
+def amplitudes(system: System, params, basis: np.ndarray) -> np.ndarray:
+    """The normalized variational state on the Sz = 0 basis (complex vector)."""
+    logpsi = jax.jit(system.logpsi)
+    s = exact.configs(basis, system.n_sites)
+    lp = np.concatenate([np.asarray(logpsi(params, s[i:i + BATCH])) for i in range(0, len(s), BATCH)])
+    psi = np.exp(lp - lp.real.max())
+    return psi / np.linalg.norm(psi)
+
+
+def energy(h, psi: np.ndarray, n_sites: int) -> float:
+    return float(np.real(np.vdot(psi, h @ psi))) / n_sites
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kind", default="factored")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    cfg = configure(args.kind, [*args.overrides, f"run.n_iter={args.steps}"])
+    system = System.build(cfg)
+    N = system.n_sites
+    h, basis = exact.sparse_hamiltonian(system.hamiltonian)
+    e0, gs, _ = exact.ground_state(system.hamiltonian)
+    driver = Driver(system)
+    state = driver.fresh_state()
+    train_s = 0.0
+    print(f"{args.kind}, {driver.n_params} params, overrides {args.overrides}; exact E0/N = {e0:.8f}")
+    while state.step < args.steps:
+        t = time.perf_counter()
+        state, rec = driver.step(state)
+        train_s += time.perf_counter() - t
+        if state.step % args.every == 0 or state.step == args.steps:
+            e = energy(h, amplitudes(system, state.params, basis), N)
+            print(f"step {state.step:5d}  train {train_s:7.1f} s  exact E/N {e:.6f}  "
+                  f"rel. error {(e - e0) / abs(e0):.2e}  (MC E/N of the step {rec['energy']:.5f})",
+                  flush=True)
+    psi = amplitudes(system, state.params, basis)
+    overlap = np.vdot(gs, psi)
+    psi = psi * np.conj(overlap) / abs(overlap)  # global phase aligned with the ground state
+    wrong = np.sign(psi.real) != np.sign(gs)
+    rel = lambda e: (e - e0) / abs(e0)  # noqa: E731
+    print(f"fidelity |<psi0|psi>|^2 = {abs(overlap) ** 2:.5f}; ground-state weight on "
+          f"configurations with the wrong sign {np.sum(gs[wrong] ** 2):.2e} "
+          f"({wrong.sum()} of {len(gs)}); ground-state weight off the Marshall sign "
+          f"{min(np.sum(gs[gs < 0] ** 2), np.sum(gs[gs > 0] ** 2)):.2e}")
+    print(f"rel. error of |psi| with the exact signs {rel(energy(h, np.abs(psi) * np.sign(gs), N)):.2e}; "
+          f"of the exact |psi0| with this state's signs "
+          f"{rel(energy(h, np.abs(gs) * np.sign(psi.real), N)):.2e}")
+
+
+if __name__ == "__main__":
+    main()
