@@ -138,8 +138,8 @@ class Driver:
         optax_state, previous = state.opt_state
         direction, info = sr.direction(self.system.logpsi, state.params, smp.s, eloc,
                                        self.cfg.sampler.n_samples, jnp.asarray(shift),
-                                       jnp.asarray(kappa), self.solver, self.cfg.model.chunk_size, o.cg_tol,
-                                       o.cg_maxiter, previous, jnp.asarray(o.momentum))
+                                       jnp.asarray(kappa), self.solver, self.cfg.model.chunk_size,
+                                       o.cg_tol, o.cg_maxiter, previous, jnp.asarray(o.momentum))
         scaled = jax.tree_util.tree_map(lambda g: g * state.lr_scale, direction)
         updates, optax_state = self.optimizer.update(scaled, optax_state, state.params)
         params = optax.apply_updates(state.params, updates)

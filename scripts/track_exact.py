@@ -23,13 +23,18 @@ from pipeline.system import System
 BATCH = 2048
 
 
-def amplitudes(system: System, params, basis: np.ndarray) -> np.ndarray:
-    """The normalized variational state on the Sz = 0 basis (complex vector)."""
+def state_vector(system: System, basis: np.ndarray):
+    """params -> the normalized variational state on the Sz = 0 basis (complex vector)."""
     logpsi = jax.jit(system.logpsi)
     s = exact.configs(basis, system.n_sites)
-    lp = np.concatenate([np.asarray(logpsi(params, s[i:i + BATCH])) for i in range(0, len(s), BATCH)])
-    psi = np.exp(lp - lp.real.max())
-    return psi / np.linalg.norm(psi)
+
+    def vector(params) -> np.ndarray:
+        lp = np.concatenate([np.asarray(logpsi(params, s[i:i + BATCH]))
+                             for i in range(0, len(s), BATCH)])
+        psi = np.exp(lp - lp.real.max())
+        return psi / np.linalg.norm(psi)
+
+    return vector
 
 
 def energy(h, psi: np.ndarray, n_sites: int) -> float:
@@ -48,6 +53,8 @@ def main() -> None:
     N = system.n_sites
     h, basis = exact.sparse_hamiltonian(system.hamiltonian)
     e0, gs, _ = exact.ground_state(system.hamiltonian)
+    vector = state_vector(system, basis)
+    rel = lambda e: (e - e0) / abs(e0)  # noqa: E731
     driver = Driver(system)
     state = driver.fresh_state()
     train_s = 0.0
@@ -57,15 +64,14 @@ def main() -> None:
         state, rec = driver.step(state)
         train_s += time.perf_counter() - t
         if state.step % args.every == 0 or state.step == args.steps:
-            e = energy(h, amplitudes(system, state.params, basis), N)
+            e = energy(h, vector(state.params), N)
             print(f"step {state.step:5d}  train {train_s:7.1f} s  exact E/N {e:.6f}  "
-                  f"rel. error {(e - e0) / abs(e0):.2e}  (MC E/N of the step {rec['energy']:.5f})",
+                  f"rel. error {rel(e):.2e}  (MC E/N of the step {rec['energy']:.5f})",
                   flush=True)
-    psi = amplitudes(system, state.params, basis)
+    psi = vector(state.params)
     overlap = np.vdot(gs, psi)
     psi = psi * np.conj(overlap) / abs(overlap)  # global phase aligned with the ground state
     wrong = np.sign(psi.real) != np.sign(gs)
-    rel = lambda e: (e - e0) / abs(e0)  # noqa: E731
     print(f"fidelity |<psi0|psi>|^2 = {abs(overlap) ** 2:.5f}; ground-state weight on "
           f"configurations with the wrong sign {np.sum(gs[wrong] ** 2):.2e} "
           f"({wrong.sum()} of {len(gs)}); ground-state weight off the Marshall sign "
