@@ -42,6 +42,7 @@ from . import dist
 SOLVERS = ("auto", "dense", "cg", "kernel")
 DENSE_MAX_PARAMS = 4096
 KERNEL_MAX_ROWS = 8192
+GRAM_BLOCKS = 4  # row blocks of X for the kernel X X^T: 10 of 16 block products are computed
 
 
 class SRInfo(NamedTuple):
@@ -135,6 +136,16 @@ def _cg(matvec: Callable, b: jax.Array, tol: float, maxiter: int) -> tuple[jax.A
     return x, k
 
 
+def gram(X: jax.Array, blocks: int = GRAM_BLOCKS) -> jax.Array:
+    """X X^T from the blocks on and above the diagonal, the rest mirrored: XLA's matmul does not
+    use the symmetry, so this does (k + 1) / 2k of the work (k row blocks; the last may be short)."""
+    edges = [round(i * X.shape[0] / blocks) for i in range(blocks + 1)]
+    B = [X[a:b] for a, b in zip(edges[:-1], edges[1:])]
+    upper = {(i, j): B[i] @ B[j].T for i in range(blocks) for j in range(i, blocks)}
+    return jnp.block([[upper[i, j] if j >= i else upper[j, i].T for j in range(blocks)]
+                      for i in range(blocks)])
+
+
 def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solver: str,
           cg_tol: float, cg_maxiter: int, previous: jax.Array,
           momentum: jax.Array | float) -> tuple[jax.Array, SRInfo]:
@@ -152,11 +163,14 @@ def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solve
         x, iters = _cg(matvec, rhs, cg_tol, cg_maxiter)
     elif solver == "kernel":
         # Each rank builds its own block of rows of T = X X^T against the gathered X (the build is
-        # split over ranks), the blocks are gathered, every rank solves the same system, and the
-        # direction X^T y is summed from the ranks' own rows.
+        # split over ranks; one rank uses the symmetry instead), the blocks are gathered, every
+        # rank solves the same system, and the direction X^T y is summed from the ranks' own rows.
         m = X.shape[0]
-        Xg = dist.allgather(X).reshape(-1, X.shape[1])
-        T = dist.allgather(X @ Xg.T).reshape(Xg.shape[0], Xg.shape[0]) / n_total
+        if dist.size() == 1:
+            T = gram(X) / n_total
+        else:
+            Xg = dist.allgather(X).reshape(-1, X.shape[1])
+            T = dist.allgather(X @ Xg.T).reshape(Xg.shape[0], Xg.shape[0]) / n_total
         zeta = dist.allgather(e - momentum * (X @ previous)).reshape(-1)
         y = _spd_solve(T + diag_shift * jnp.eye(T.shape[0]), zeta)
         mine = jax.lax.dynamic_slice_in_dim(y, dist.rank() * m, m)

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import time
 
 from hydra import compose, initialize_config_dir
@@ -27,6 +28,7 @@ from pipeline.system import System
 CALIBRATION_STEPS = 12
 PROJECTED_SAMPLES = 8192
 SAFETY = 1.3  # margin on the measurement times predicted from the calibration steps
+SPLIT = ("t_sample", "t_energy", "t_sr")  # per-step phases the driver times
 
 
 def configure(kind: str, overrides: list[str]):
@@ -47,7 +49,7 @@ def bench(kind: str, minutes: float, overrides: list[str]) -> dict:
         state, rec = probe.step(state)
         times.append(time.perf_counter() - t)
         sampling.append(rec["t_sample"] + rec["t_energy"])
-    per_step, per_estimate = (sorted(x[4:])[len(x[4:]) // 2] for x in (times, sampling))  # medians
+    per_step, per_estimate = (statistics.median(x[4:]) for x in (times, sampling))
     # The measurements cost what sampling and local energies cost per step, scaled by their
     # sample counts and (projected) by the group size: full (64 images) over the training one.
     images = len(group(system.lattice, "full")[0]) / len(group(system.lattice, cfg.model.symmetry)[0])
@@ -59,8 +61,11 @@ def bench(kind: str, minutes: float, overrides: list[str]) -> dict:
     driver = Driver(dataclasses.replace(system, cfg=run_cfg))  # same jitted functions
     state = driver.fresh_state()
     t_train = time.perf_counter()
+    split: dict[str, list[float]] = {k: [] for k in SPLIT}
     while state.step < n_iter:
         state, rec = driver.step(state)
+        for k in SPLIT:
+            split[k].append(rec[k])
         if state.step % 100 == 0:
             print(f"  [{kind}] step {state.step}/{n_iter}: E/N = {rec['energy']:.6f} "
                   f"± {rec['energy_error']:.6f}", flush=True)
@@ -77,6 +82,7 @@ def bench(kind: str, minutes: float, overrides: list[str]) -> dict:
     projected = Driver(System.build(full_cfg)).measure(state)
     return {"attention": kind, "params": driver.n_params, "solver": driver.solver,
             "symmetry": cfg.model.symmetry, "steps": n_iter, "seconds_per_step": train_s / n_iter,
+            **{f"median_{k}": statistics.median(v) for k, v in split.items()},
             "energy_per_site": final["energy_per_site"], "energy_error": final["energy_error"],
             "relative_error": final["relative_error"], "v_score": final["v_score"],
             "projected_energy": projected["energy_per_site"],
@@ -107,8 +113,11 @@ def main() -> None:
               f"{r['projected_energy']:>12.6f} ± {r['projected_error']:.6f} "
               f"{r['projected_relative_error']:>10.2e} {r['wall_minutes']:>8.1f}")
     for r in rows:
+        inside = "inside" if r["wall_minutes"] <= args.minutes else "OVER"
         print(f"{r['attention']}: final measurement {r['measure_seconds']:.0f} s, projected "
-              f"measurement {r['projected_measure_seconds']:.0f} s (inside the budget)")
+              f"measurement {r['projected_measure_seconds']:.0f} s ({inside} the budget); median step: "
+              f"sampling {r['median_t_sample']:.3f} s, local energies {r['median_t_energy']:.3f} s, "
+              f"SR {r['median_t_sr']:.3f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -61,6 +61,12 @@ def test_solvers_agree(n: int, P: int, momentum: float, kappa: float) -> None:
         np.testing.assert_allclose(x, ref, rtol=1e-6, atol=1e-8, err_msg=name)
 
 
+@pytest.mark.parametrize("rows,blocks", [(74, 4), (74, 3), (9, 1), (5, 4)])
+def test_symmetric_gram_equals_full_product(rows: int, blocks: int) -> None:
+    X = jnp.asarray(np.random.default_rng(rows).normal(size=(rows, 23)))
+    np.testing.assert_allclose(sr.gram(X, blocks), X @ X.T, rtol=1e-13, atol=1e-13)
+
+
 def test_dense_solver_falls_back_when_not_positive_definite() -> None:
     A = jnp.diag(jnp.array([2.0, 1.0, -1e-3]))
     x = sr._spd_solve(A, jnp.array([2.0, 3.0, 0.0]))
