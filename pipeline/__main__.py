@@ -6,20 +6,19 @@ SLURM with submitit, as one job array, when the composition ends.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .config import ConfigError, register
+from .config import conf_dir, register
+from .errors import RefusedRun
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 register()
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
@@ -28,13 +27,10 @@ def main(cfg: DictConfig) -> None:
 
             slurm.enqueue(cfg, run_dir)
             return
-        from .app import USER_ERRORS, run_job
+        from .app import run_job
 
-        try:
-            code = run_job(cfg, run_dir)
-        except USER_ERRORS as e:
-            _refuse(e)
-    except ConfigError as e:
+        code = run_job(cfg, run_dir)
+    except RefusedRun as e:
         _refuse(e)
     if code:
         sys.exit(code)

@@ -29,7 +29,7 @@ def collect(roots: list[str]) -> list[dict]:
                 cfg = yaml.safe_load(f.attrs["config"])
                 row = {"run_dir": dirpath, "state": status.read(dirpath).get("state", "unknown"),
                        "L": cfg["lattice"]["L"], "J2": cfg["hamiltonian"]["J2"],
-                       "model": cfg["model"]["name"], "n_params": int(f.attrs.get("n_params", 0))}
+                       "model": f"vit_{cfg['model']['attention']}", "n_params": int(f.attrs.get("n_params", 0))}
                 if "final" in f:
                     row |= {k: float(f["final"].attrs[k]) for k in COLUMNS[6:]}
             rows.append(row)

@@ -1,8 +1,9 @@
 """One job: validate the config, build the system, resume or start, train, measure, report.
 
 Called by `python -m pipeline` (local launcher, under any MPI launcher) and inside SLURM tasks
-by the submitit launcher. Returns a process exit status: 0 finished, 3 stopped by a signal and
-checkpointed ("requeue me"); errors raise (and abort every rank of a multi-rank world).
+by the submitit launcher. Returns a process exit status: 0 finished (or stopped after
+run.steps_per_job), `status.EXIT_REQUEUE` stopped by a signal and checkpointed ("requeue me");
+errors raise (and abort every rank of a multi-rank world).
 """
 from __future__ import annotations
 
@@ -17,46 +18,24 @@ import yaml
 from omegaconf import DictConfig
 
 from . import checkpoint, dist, provenance, status
-from .config import Config, to_yaml, validate
+from .config import Config, config_differences, to_yaml, validate
 from .driver import Driver, RunState, StopRun
+from .errors import CheckpointIncompatible, RefusedRun, ResultsError
 from .hooks import CheckpointHook, ProgressHook, ResultsHook, SignalHook, StepLimitHook
-from .results import ResultsError, read_final
+from .report import reference_energy, summary, with_reference
+from .results import read_final
+from .sr import SRState
+from .state import VariationalState
 from .system import System
 
-EXIT_OK, EXIT_REQUEUE = 0, 3
-# Keys that may differ from the checkpoint's config on resume without run.allow_changed:
-# they change neither the model nor the trajectory.
-ALWAYS_CHANGEABLE = ("checkpoint.", "launcher.", "model.chunk_size", "sampler.n_samples_final",
-                     "run.allow_changed", "run.max_rollbacks", "run.steps_per_job")
 log = logging.getLogger("vitnqs")
-# Errors that refuse a run for a stated reason (bad files, a run directory of another run):
-# `python -m pipeline` prints them as one line, like bad config values.
-USER_ERRORS = (checkpoint.CheckpointError, ResultsError)
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out |= _flatten(v, f"{prefix}{k}.")
-        return out
-    return {prefix[:-1]: d}
-
-
-def config_differences(stored_yaml: str, current: Config) -> list[str]:
-    """Dotted keys whose values differ and that the resume may not change."""
-    old, new = _flatten(yaml.safe_load(stored_yaml)), _flatten(yaml.safe_load(to_yaml(current)))
-    allowed = ALWAYS_CHANGEABLE + tuple(current.run.allow_changed)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and not any(k == a or (a.endswith(".") and k.startswith(a))
-                                                    for a in allowed)]
 
 
 def _checker(current: Config):
     def check(stored_yaml: str) -> None:
         diff = config_differences(stored_yaml, current)
         if diff:
-            raise checkpoint.CheckpointIncompatible(
+            raise CheckpointIncompatible(
                 "the run directory holds a checkpoint of a different run; differing keys: "
                 + "; ".join(diff) + ". Use another hydra.run.dir, or list keys that may change "
                 "in run.allow_changed (e.g. run.allow_changed=[optimizer.lr,run.n_iter]).")
@@ -68,22 +47,23 @@ def restore_or_fresh(driver: Driver, ckpt_dir: str) -> RunState:
     found: tuple[str, Any] = ("none", None)
     if dist.is_root():
         try:
-            snap = checkpoint.newest_good(ckpt_dir, *driver.fresh_state_templates(),
-                                          _checker(driver.cfg), log=log.warning)
+            snap = checkpoint.newest_good(ckpt_dir, *driver.templates(), _checker(driver.cfg),
+                                          log=log.warning)
             found = ("ok", snap)
         except checkpoint.CheckpointError as e:
             found = ("error", str(e))
     kind, value = dist.bcast_object(found)
     if kind == "error":
-        raise checkpoint.CheckpointIncompatible(value)
+        raise CheckpointIncompatible(value)
     if value is None:
         return driver.fresh_state()
-    n, r = driver.n_chains_local, dist.rank()
-    params, opt_state = jax.tree_util.tree_map(jnp.asarray, (value.params, value.opt_state))
+    n = driver.cfg.sampler.n_chains // dist.size()
+    r = dist.rank()
+    params, sr_state = jax.tree_util.tree_map(jnp.asarray, (value.params, value.opt_state))
     dist.print0(f"resumed from step {value.step} ({ckpt_dir})")
     log.info("resumed from step %d", value.step)
-    return RunState(value.step, params, opt_state, jnp.asarray(value.chains[r * n:(r + 1) * n]),
-                    value.lr_scale)
+    vstate = VariationalState(driver.system, params, jnp.asarray(value.chains[r * n:(r + 1) * n]))
+    return RunState(value.step, vstate, SRState(*sr_state), value.rollbacks)
 
 
 def _setup_logging(run_dir: str) -> None:
@@ -118,7 +98,7 @@ def run_job(cfg: DictConfig | Config, run_dir: str, progress_bar: bool = True) -
         except Exception as e:
             if dist.is_root():
                 status.write(run_dir, "failed", error=f"{type(e).__name__}: {e}")
-            if isinstance(e, USER_ERRORS):  # a refusal with its reason: no traceback needed
+            if isinstance(e, RefusedRun):  # a refusal with its reason: no traceback needed
                 log.info("run refused: %s", e)  # rank log only: stderr gets one line
             else:
                 log.exception("run failed")
@@ -132,19 +112,20 @@ def _train(c: Config, run_dir: str, progress_bar: bool) -> int:
             "seed": c.run.seed}
     ck = CheckpointHook(os.path.join(run_dir, "checkpoints"), c.checkpoint.every_steps,
                         c.checkpoint.every_minutes, c.checkpoint.keep, config_yaml, meta)
+    reference = reference_energy(c, system.hamiltonian) if dist.is_root() else None
+    driver = Driver(system)
     results = ResultsHook(os.path.join(run_dir, "results.h5"), {
         "config": config_yaml, "versions": yaml.safe_dump(meta["versions"]),
-        "code_version": meta["code_version"], "n_ranks": dist.size(), "seed": c.run.seed})
+        "code_version": meta["code_version"], "n_ranks": dist.size(), "seed": c.run.seed,
+        "n_params": driver.n_params, "solver": driver.solver}, reference)
     signals = SignalHook(ck)
-    hooks = [ProgressHook(bar=progress_bar), results, ck, signals]
+    driver.hooks = [ProgressHook(c.run.n_iter, bar=progress_bar), results, ck, signals]
     if c.run.steps_per_job:
-        hooks.append(StepLimitHook(ck, c.run.steps_per_job))
-    driver = Driver(system, hooks)
-    results.attrs["n_params"] = driver.n_params
-    results.attrs["solver"] = driver.solver
-    dist.print0(f"{c.model.name}: {driver.n_params} parameters, SR solver {driver.solver}, "
-                f"{c.sampler.n_samples} samples on {c.sampler.n_chains} chains over "
-                f"{dist.size()} rank(s); run dir {run_dir}")
+        driver.hooks.append(StepLimitHook(ck, c.run.steps_per_job, c.run.n_iter))
+    dist.print0(f"{c.model.name}: {driver.n_params} parameters, SR solver {driver.solver} "
+                f"({driver.preconditioner.reason}), {c.sampler.n_samples} samples on "
+                f"{c.sampler.n_chains} chains over {dist.size()} rank(s); run dir {run_dir}")
+    log.info("SR solver %s: %s", driver.solver, driver.preconditioner.reason)
     state = restore_or_fresh(driver, ck.directory)
     problem = results_problem(results.path, state.step) if dist.is_root() else None
     problem = dist.bcast_object(problem)  # rank 0 looks at the file; every rank stops alike
@@ -157,18 +138,19 @@ def _train(c: Config, run_dir: str, progress_bar: bool) -> int:
     except StopRun as stop:
         if dist.is_root():
             n = int(status.read(run_dir).get("requeues", 0)) + int(stop.requeue)
-            status.write(run_dir, "requeue" if stop.requeue else "stopped", step=stop.step,
+            status.write(run_dir, status.REQUEUED if stop.requeue else "stopped", step=stop.step,
                          requeues=n, message=str(stop))
         dist.print0(f"stopped: {stop}")
-        return EXIT_REQUEUE if stop.requeue else EXIT_OK
+        return status.EXIT_REQUEUE if stop.requeue else 0
     finally:
         results.close()
         signals.restore()
     if dist.is_root():
+        final = with_reference(final, reference)
         status.write(run_dir, "finished", step=state.step, **{k: final[k] for k in (
             "energy_per_site", "energy_error", "relative_error")})
-    dist.print0(summary(c, final))
-    return EXIT_OK
+        dist.print0(summary(c, final))
+    return 0
 
 
 def results_problem(path: str, step: int) -> str | None:
@@ -186,13 +168,3 @@ def results_problem(path: str, step: int) -> str | None:
             return (f"results file {path} holds a finished run but there is no checkpoint to "
                     "resume from; use another hydra.run.dir")
     return None
-
-
-def summary(c: Config, f: dict) -> str:
-    rel = f["relative_error"]
-    ref = (f"reference {f['reference_energy_per_site']:.7f}, relative error {rel:.2e}"
-           if rel == rel else "no reference energy for this system")
-    return (f"final: L={c.lattice.L} J2={c.hamiltonian.J2} {c.model.name}: E/N = "
-            f"{f['energy_per_site']:.6f} ± {f['energy_error']:.6f} (per site, S.S units; "
-            f"{f['n_samples']} fresh samples), var/N = {f['variance_per_site']:.4g}, "
-            f"V-score = {f['v_score']:.3g}; {ref}")

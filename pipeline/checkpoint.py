@@ -1,19 +1,22 @@
 """HDF5 checkpoints of the whole run state, written atomically, discovered newest-good-first.
 
-A checkpoint holds exactly the run state (step, parameters, optimizer state, every rank's chains
-gathered in global chain order, the rollback scale) plus provenance (resolved config, versions,
+A checkpoint holds exactly the run state (step, parameters, SR state, every rank's chains
+gathered in global chain order, the rollback count) plus provenance (resolved config, versions,
 code version, rank count). RNG keys are not stored: they are derived from (seed, purpose, step,
 global chain index), so the state above determines the rest of the run.
 
 Writing (rank 0): a temporary file in the same directory, flushed and fsynced, then renamed
-into place; the newest `keep` files are kept. A `sha256` over the payload and a `complete` mark
-(written last) let `discover` skip truncated or corrupt files in favour of older ones.
+into place; the newest `keep` sound files are kept (unreadable ones do not count, and the file
+just written is never pruned). A `sha256` over every field (arrays, step, rollback count, config)
+and a `complete` mark (written last) let `newest_good` skip truncated or corrupt files in favour of
+older ones.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -23,20 +26,14 @@ import h5py
 import jax
 import numpy as np
 
-FORMAT_VERSION = 1
+from .errors import CheckpointCorrupt, CheckpointError, CheckpointIncompatible
+
+__all__ = ["CheckpointCorrupt", "CheckpointError", "CheckpointIncompatible", "Snapshot", "write",
+           "read", "newest_good", "list_checkpoints", "path_for", "FORMAT_VERSION"]
+
+# 2: the rollback count replaces the learning-rate scale; the checksum covers every field.
+FORMAT_VERSION = 2
 PATTERN = re.compile(r"ckpt_(\d{8})\.h5$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message says which file and why."""
-
-
-class CheckpointCorrupt(CheckpointError):
-    """Truncated, empty, incomplete or failing its checksum: skipped in favour of an older one."""
-
-
-class CheckpointIncompatible(CheckpointError):
-    """Sound, but not resumable by this run (other model, newer format): stops the resume."""
 
 
 @dataclass
@@ -47,7 +44,7 @@ class Snapshot:
     params: Any
     opt_state: Any
     chains: np.ndarray  # (n_chains_total, N) int8, global chain order
-    lr_scale: float
+    rollbacks: int
     config_yaml: str
 
 
@@ -55,8 +52,13 @@ def _leaves(tree: Any) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-def _digest(arrays: list[np.ndarray]) -> str:
-    h = hashlib.sha256()
+def _header(step: int, rollbacks: int, config_yaml: str) -> bytes:
+    return json.dumps([step, rollbacks, config_yaml]).encode()
+
+
+def _digest(arrays: list[np.ndarray], header: bytes) -> str:
+    """sha256 of the scalar fields (`header`; empty in format 1) and every array."""
+    h = hashlib.sha256(header)
     for a in arrays:
         h.update(str(a.dtype).encode() + str(a.shape).encode())
         h.update(np.ascontiguousarray(a).tobytes())
@@ -84,23 +86,47 @@ def write(directory: str, snap: Snapshot, meta: dict[str, Any], keep: int) -> st
             for i, a in enumerate(arrays):
                 g.create_dataset(f"{i:04d}", data=a)
         f.attrs.update({"format_version": FORMAT_VERSION, "step": snap.step,
-                        "lr_scale": snap.lr_scale, "config": snap.config_yaml,
+                        "rollbacks": snap.rollbacks, "config": snap.config_yaml,
                         "meta": json.dumps(meta, sort_keys=True),
-                        "sha256": _digest([a for arrays in payload.values() for a in arrays])})
+                        "sha256": _digest([a for arrays in payload.values() for a in arrays],
+                                          _header(snap.step, snap.rollbacks, snap.config_yaml))})
         f.attrs["complete"] = 1
         f.flush()
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, final)
-    for old in list_checkpoints(directory)[keep:]:
-        os.remove(old)
+    prune(directory, keep, final)
     return final
+
+
+def _sound(path: str) -> bool:
+    """Cheap check (no checksum): an HDF5 file with its completeness mark."""
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f.attrs.get("complete", 0)) == 1
+    except Exception:
+        return False
+
+
+def _step(path: str) -> int:
+    return int(PATTERN.search(path).group(1))
+
+
+def prune(directory: str, keep: int, written: str) -> None:
+    """Keep `written` and the keep - 1 newest sound checkpoints older than it. Older unreadable
+    files go (they count for nothing); newer files stay untouched: the run was not resumed from
+    them, so they are unusable, and the run overwrites them when it gets there."""
+    older = [p for p in list_checkpoints(directory) if _step(p) < _step(written)]
+    kept = [p for p in older if _sound(p)][:keep - 1]
+    for path in older:
+        if path not in kept:
+            os.remove(path)
 
 
 def list_checkpoints(directory: str) -> list[str]:
     """Checkpoint files, newest step first (temporaries excluded)."""
     files = [p for p in glob.glob(os.path.join(directory, "ckpt_*.h5")) if PATTERN.search(p)]
-    return sorted(files, key=lambda p: int(PATTERN.search(p).group(1)), reverse=True)
+    return sorted(files, key=_step, reverse=True)
 
 
 def read(path: str, params_like: Any, opt_state_like: Any,
@@ -118,10 +144,17 @@ def read(path: str, params_like: Any, opt_state_like: Any,
             if int(f.attrs.get("complete", 0)) != 1:
                 raise CheckpointCorrupt(f"{path}: incomplete (no completeness mark)")
             groups = {g: [f[g][k][...] for k in sorted(f[g])] for g in ("params", "opt_state", "chains")}
-            if _digest([a for arrays in groups.values() for a in arrays]) != f.attrs["sha256"]:
+            step, config_yaml = int(f.attrs["step"]), str(f.attrs["config"])
+            if version >= 2:
+                rollbacks = int(f.attrs["rollbacks"])
+                header = _header(step, rollbacks, config_yaml)
+            else:  # format 1: lr_scale = 0.5 ** rollbacks, a checksum over the arrays only
+                rollbacks, header = round(-math.log2(float(f.attrs["lr_scale"]))), b""
+            arrays = [a for arrays in groups.values() for a in arrays]
+            if _digest(arrays, header) != f.attrs["sha256"]:
                 raise CheckpointCorrupt(f"{path}: checksum mismatch (corrupt file)")
-            step, lr_scale = int(f.attrs["step"]), float(f.attrs["lr_scale"])
-            config_yaml = str(f.attrs["config"])
+            if step != _step(path):
+                raise CheckpointCorrupt(f"{path}: holds step {step}, not the step of its name")
     except CheckpointError:
         raise
     except Exception as e:  # truncated, empty or not HDF5 at all
@@ -129,7 +162,7 @@ def read(path: str, params_like: Any, opt_state_like: Any,
     check_config(config_yaml)
     params = _restore(path, "params", groups["params"], params_like)
     opt_state = _restore(path, "opt_state", groups["opt_state"], opt_state_like)
-    return Snapshot(step, params, opt_state, groups["chains"][0], lr_scale, config_yaml)
+    return Snapshot(step, params, opt_state, groups["chains"][0], rollbacks, config_yaml)
 
 
 def _restore(path: str, what: str, arrays: list[np.ndarray], like: Any) -> Any:

@@ -1,31 +1,64 @@
-"""Config schema (Hydra structured configs) and validation before any computation.
+"""The one config layer: schema (Hydra structured configs), composition, validation, resume diff.
 
-Types and unknown keys are checked by Hydra/OmegaConf against these dataclasses when the config
-is composed; `validate` checks values and cross-field constraints and raises `ConfigError` with a
-one-line message that names the field and the value.
+Types, unknown keys and the choices (Enums below) are checked by OmegaConf against these
+dataclasses when Hydra composes the config; `validate` checks values and cross-field constraints
+and raises `ConfigError` with a one-line message that names the field and the value. This module
+starts no JAX: the launcher, `aggregate` and `watch` use it on machines without devices.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Optional
 
+import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from .lattice import KINDS as LATTICE_KINDS
-from .models import KINDS as ATTENTION_KINDS, MODES as SYMMETRY_MODES
-from .sr import SOLVERS
+from .errors import ConfigError
+
+SEED_LIMIT = 2 ** 63  # JAX keys take a signed 64-bit seed
 
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the field."""
+class LatticeKind(StrEnum):
+    square = "square"
+    shastry_sutherland = "shastry_sutherland"
+
+
+class Attention(StrEnum):
+    factored = "factored"
+    standard = "standard"
+
+
+class Symmetry(StrEnum):
+    """Projection group: none, the b^2 intra-patch translations, or those x C4v x spin flip."""
+
+    none = "none"
+    translations = "translations"
+    full = "full"
+
+
+class Solver(StrEnum):
+    auto = "auto"
+    dense = "dense"
+    cg = "cg"
+    kernel = "kernel"
+
+
+class LauncherKind(StrEnum):
+    local = "local"
+    slurm = "slurm"
 
 
 @dataclass
 class LatticeConfig:
     L: int = 4  # linear size; N = L^2 sites, periodic
     patch: int = 2  # patch side b; L % b == 0
-    kind: str = "square"  # square | shastry_sutherland
+    kind: LatticeKind = LatticeKind.square
 
 
 @dataclass
@@ -37,14 +70,18 @@ class HamiltonianConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_factored"
-    attention: str = "factored"  # factored | standard
+    attention: Attention = Attention.factored
     d: int = 16  # embedding dimension
     heads: int = 2
     layers: int = 1
     translation_invariant: bool = True  # factored weights alpha(r_i - r_j) instead of alpha_ij
-    symmetry: str = "none"  # projection: none | translations | full
+    symmetry: Symmetry = Symmetry.none
     chunk_size: int = 0  # configurations per forward pass (0: whole batch)
+
+    @property
+    def name(self) -> str:
+        """vit_factored | vit_standard: derived from the attention kind, never set apart from it."""
+        return f"vit_{self.attention}"
 
 
 @dataclass
@@ -52,7 +89,7 @@ class SamplerConfig:
     n_samples: int = 1024  # samples per SR step, all ranks together
     n_chains: int = 1024  # Markov chains, all ranks together
     sweep_size: int = 0  # proposals between samples (0: N)
-    n_thermalize: int = 20  # sweeps discarded when chains are created
+    n_thermalize: int = 20  # sweeps discarded when chains are created and before the final measurement
     n_samples_final: int = 16384  # samples of the final energy measurement
     next_nearest_moves: bool = True  # propose exchanges on second-family bonds too
 
@@ -64,7 +101,7 @@ class OptimizerConfig:
     warmup: int = 20  # linear warm-up steps
     diag_shift: float = 1e-3  # lambda in (S + lambda I)
     diag_shift_final: float = 1e-4  # lambda decays geometrically to this value
-    solver: str = "auto"  # auto | dense | cg | kernel
+    solver: Solver = Solver.auto
     momentum: float = 0.9  # SPRING momentum mu on the SR direction, 0 <= mu < 1 (0: plain SR)
     phase_scale: float = 1.0  # phase time step / amplitude time step (1: plain SR)
     phase_scale_final: float = 1.0  # decays geometrically to this value, like diag_shift
@@ -77,20 +114,20 @@ class RunConfig:
     n_iter: int = 300
     seed: int = 0
     allow_changed: list = field(default_factory=list)  # keys that may differ on resume
-    max_rollbacks: int = 3  # retries after a non-finite step
+    max_rollbacks: int = 3  # rollbacks after a non-finite step, per run (kept in checkpoints)
     steps_per_job: int = 0  # stop (with a checkpoint) after this many steps in one job; 0: no limit
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 50
+    every_steps: int = 50  # also the step interval of the in-memory rollback snapshot
     every_minutes: float = 10.0
     keep: int = 3
 
 
 @dataclass
 class LauncherConfig:
-    kind: str = "local"  # local | slurm
+    kind: LauncherKind = LauncherKind.local
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
@@ -120,39 +157,75 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
+# ---- composition -------------------------------------------------------------------------------
+def conf_dir() -> str:
+    """The Hydra config directory: shipped inside the installed package (pipeline/conf), or
+    `conf/` at the top of a source checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(here, "conf"), os.path.join(os.path.dirname(here), "conf")):
+        if os.path.isfile(os.path.join(candidate, "config.yaml")):
+            return candidate
+    raise FileNotFoundError(f"no Hydra configs (config.yaml) next to {here}")
+
+
 def register() -> None:
     """Make the schema available to Hydra as `base_config` (first entry of conf/config.yaml)."""
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config Hydra would compose for `python -m pipeline OVERRIDES` (for scripts and tests)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    register()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+# ---- validation --------------------------------------------------------------------------------
 def _require(ok: bool, name: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r}: {why}")
 
 
+def _finite_positive(name: str, value: float) -> None:
+    _require(math.isfinite(value), name, value, "must be finite")
+    _require(value > 0, name, value, "must be positive")
+
+
+def _typed(cfg: DictConfig | Config) -> Config:
+    """A `Config` object; a value of the wrong type or an unknown choice becomes a ConfigError."""
+    try:
+        given = dataclasses.asdict(cfg) if isinstance(cfg, Config) else cfg
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), given))
+    except OmegaConfBaseException as e:
+        why = str(getattr(e, "msg", e)).splitlines()[0]
+        value = getattr(e, "value", None)
+        raise ConfigError(f"{e.full_key}={value!r}: {why}" if getattr(e, "full_key", None)
+                          else why) from None
+
+
 def validate(cfg: DictConfig | Config, n_ranks: int = 1) -> Config:
     """Check values and constraints; returns a plain `Config` object."""
-    c: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg)) \
-        if not isinstance(cfg, Config) else cfg
+    c = _typed(cfg)
     lat, ham, m, s, o, r, ck = c.lattice, c.hamiltonian, c.model, c.sampler, c.optimizer, c.run, c.checkpoint
-    _require(lat.kind in LATTICE_KINDS, "lattice.kind", lat.kind, f"unknown, expected one of {LATTICE_KINDS}")
     _require(lat.L >= 2, "lattice.L", lat.L, "must be >= 2")
     _require(lat.patch >= 1, "lattice.patch", lat.patch, "must be >= 1")
     _require(lat.L % lat.patch == 0, "lattice.L", lat.L, f"not divisible by lattice.patch={lat.patch}")
     _require(lat.L * lat.L % 2 == 0, "lattice.L", lat.L, f"N = L^2 = {lat.L ** 2} is odd: no Sz=0 sector")
-    _require(lat.kind == "square" or lat.L % 2 == 0, "lattice.L", lat.L, "Shastry-Sutherland needs even L")
+    _require(lat.kind == LatticeKind.square or lat.L % 2 == 0, "lattice.L", lat.L,
+             "Shastry-Sutherland needs even L")
     for name in ("J1", "J2"):
         v = getattr(ham, name)
-        _require(v == v and abs(v) < float("inf"), f"hamiltonian.{name}", v, "must be finite")
-    _require(m.attention in ATTENTION_KINDS, "model.attention", m.attention,
-             f"unknown attention kind, expected one of {ATTENTION_KINDS}")
+        _require(math.isfinite(v), f"hamiltonian.{name}", v, "must be finite")
+    _require(ham.J1 != 0 or ham.J2 != 0, "hamiltonian.J1", ham.J1,
+             "and hamiltonian.J2 are both zero: no Hamiltonian")
     _require(m.d >= 1, "model.d", m.d, "must be >= 1")
     _require(m.heads >= 1, "model.heads", m.heads, "must be >= 1")
     _require(m.d % m.heads == 0, "model.heads", m.heads, f"does not divide model.d={m.d}")
     _require(m.layers >= 0, "model.layers", m.layers, "must be >= 0")
-    _require(m.symmetry in SYMMETRY_MODES, "model.symmetry", m.symmetry, f"unknown, expected one of {SYMMETRY_MODES}")
-    _require(m.symmetry != "full" or lat.kind == "square", "model.symmetry", m.symmetry,
-             "'full' projection needs lattice.kind=square")
+    _require(m.symmetry != Symmetry.full or lat.kind == LatticeKind.square, "model.symmetry",
+             str(m.symmetry), "'full' projection needs lattice.kind=square")
     _require(m.chunk_size >= 0, "model.chunk_size", m.chunk_size, "must be >= 0")
     for name in ("n_samples", "n_chains", "n_samples_final"):
         _require(getattr(s, name) > 0, f"sampler.{name}", getattr(s, name), "must be positive")
@@ -164,27 +237,20 @@ def validate(cfg: DictConfig | Config, n_ranks: int = 1) -> Config:
              f"not divisible by the number of MPI ranks ({n_ranks})")
     _require(s.sweep_size >= 0, "sampler.sweep_size", s.sweep_size, "must be >= 0")
     _require(s.n_thermalize >= 0, "sampler.n_thermalize", s.n_thermalize, "must be >= 0")
-    _require(o.lr > 0, "optimizer.lr", o.lr, "must be positive")
-    _require(o.lr_final > 0, "optimizer.lr_final", o.lr_final, "must be positive")
+    for name in ("lr", "lr_final", "diag_shift", "diag_shift_final", "phase_scale",
+                 "phase_scale_final", "cg_tol"):
+        _finite_positive(f"optimizer.{name}", getattr(o, name))
     _require(o.warmup >= 0, "optimizer.warmup", o.warmup, "must be >= 0")
-    _require(o.diag_shift > 0, "optimizer.diag_shift", o.diag_shift, "must be positive")
-    _require(o.diag_shift_final > 0, "optimizer.diag_shift_final", o.diag_shift_final, "must be positive")
-    _require(o.solver in SOLVERS, "optimizer.solver", o.solver, f"unknown solver, expected one of {SOLVERS}")
-    _require(o.cg_tol > 0, "optimizer.cg_tol", o.cg_tol, "must be positive")
     _require(0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "must be in [0, 1)")
-    _require(o.phase_scale > 0, "optimizer.phase_scale", o.phase_scale, "must be positive")
-    _require(o.phase_scale_final > 0, "optimizer.phase_scale_final", o.phase_scale_final,
-             "must be positive")
     _require(o.cg_maxiter > 0, "optimizer.cg_maxiter", o.cg_maxiter, "must be positive")
     _require(r.n_iter > 0, "run.n_iter", r.n_iter, "must be positive")
-    _require(r.seed >= 0, "run.seed", r.seed, "must be >= 0")
+    _require(0 <= r.seed < SEED_LIMIT, "run.seed", r.seed, "must be in [0, 2^63)")
     _require(r.steps_per_job >= 0, "run.steps_per_job", r.steps_per_job, "must be >= 0")
     _require(r.max_rollbacks >= 0, "run.max_rollbacks", r.max_rollbacks, "must be >= 0")
     _require(ck.every_steps > 0, "checkpoint.every_steps", ck.every_steps, "must be positive")
     _require(ck.every_minutes > 0, "checkpoint.every_minutes", ck.every_minutes, "must be positive")
     _require(ck.keep >= 1, "checkpoint.keep", ck.keep, "must be >= 1")
     la = c.launcher
-    _require(la.kind in ("local", "slurm"), "launcher.kind", la.kind, "unknown, expected local or slurm")
     for name in ("nodes", "tasks_per_node", "cpus_per_task", "timeout_min"):
         _require(getattr(la, name) >= 1, f"launcher.{name}", getattr(la, name), "must be >= 1")
     for name in ("gpus_per_node", "signal_delay_s", "max_requeues"):
@@ -195,3 +261,28 @@ def validate(cfg: DictConfig | Config, n_ranks: int = 1) -> Config:
 
 def to_yaml(c: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(c))
+
+
+# ---- resume: which differences from the checkpoint's config are allowed --------------------------
+# Keys that may differ from the checkpoint's config on resume without run.allow_changed: they
+# change neither the model nor the trajectory.
+ALWAYS_CHANGEABLE = ("checkpoint.", "launcher.", "model.chunk_size", "sampler.n_samples_final",
+                     "run.allow_changed", "run.max_rollbacks", "run.steps_per_job")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out |= _flatten(v, f"{prefix}{k}.")
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_differences(stored_yaml: str, current: Config) -> list[str]:
+    """Dotted keys whose values differ and that the resume may not change."""
+    old, new = _flatten(yaml.safe_load(stored_yaml)), _flatten(yaml.safe_load(to_yaml(current)))
+    allowed = ALWAYS_CHANGEABLE + tuple(current.run.allow_changed)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not any(k == a or (a.endswith(".") and k.startswith(a))
+                                                    for a in allowed)]

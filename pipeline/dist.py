@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import backend  # noqa: F401  (device pinning, float64)
+from .errors import ConfigError
+
 
 @lru_cache(maxsize=None)
 def _mpi():
@@ -131,8 +134,6 @@ def startup_report() -> list[str]:
 @contextlib.contextmanager
 def abort_on_error() -> Iterator[None]:
     """An exception on one rank aborts the whole world, so no rank hangs in a collective."""
-    from .config import ConfigError
-
     try:
         yield
     except ConfigError:

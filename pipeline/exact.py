@@ -51,10 +51,16 @@ def sparse_hamiltonian(ham: Hamiltonian) -> tuple[sp.csr_matrix, np.ndarray]:
     return h, states
 
 
+def start_vector(dim: int) -> np.ndarray:
+    """Lanczos start vector: random (fixed seed), so that it overlaps every eigenvector."""
+    return np.random.default_rng(0).normal(size=dim)
+
+
 def ground_state(ham: Hamiltonian) -> tuple[float, np.ndarray, np.ndarray]:
-    """(E0 per site, ground-state vector, basis) by Lanczos."""
+    """(E0 per site, ground-state vector, basis) by Lanczos from a random start vector (a
+    uniform one is the ferromagnet's Sz = 0 member without the sign rule: an eigenvector)."""
     h, states = sparse_hamiltonian(ham)
-    vals, vecs = eigsh(h, k=1, which="SA", tol=1e-12, v0=np.ones(h.shape[0]))
+    vals, vecs = eigsh(h, k=1, which="SA", tol=1e-12, v0=start_vector(h.shape[0]))
     return float(vals[0]) / ham.n_sites, vecs[:, 0], states
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import backend  # noqa: F401  (device pinning, float64)
 from .lattice import Lattice
 
 LogPsi = Callable[[object, jax.Array], jax.Array]

@@ -8,12 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-KINDS = ("square", "shastry_sutherland")
-
 
 @dataclass(frozen=True)
 class Lattice:
-    """An L x L periodic lattice cut into b x b patches, with its two bond families.
+    """An L x L periodic lattice cut into b x b patches, with its two bond families (the values
+    are checked by `config.validate`).
 
     `bonds1` are the nearest-neighbour bonds (coupling J1). `bonds2` are the second family: the
     diagonal next-nearest neighbours (J2) for `square`, or the orthogonal dimers (J') for
@@ -23,18 +22,6 @@ class Lattice:
     L: int
     patch: int
     kind: str = "square"
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"lattice.kind={self.kind!r}: unknown, expected one of {KINDS}")
-        if self.L < 2:
-            raise ValueError(f"lattice.L={self.L}: must be >= 2")
-        if self.patch < 1 or self.L % self.patch:
-            raise ValueError(f"lattice.L={self.L} is not divisible by lattice.patch={self.patch}")
-        if (self.L * self.L) % 2:
-            raise ValueError(f"lattice.L={self.L}: N = L^2 = {self.L ** 2} is odd, no Sz=0 sector")
-        if self.kind == "shastry_sutherland" and self.L % 2:
-            raise ValueError(f"lattice.L={self.L}: the Shastry-Sutherland pattern needs even L")
 
     @property
     def n_sites(self) -> int:

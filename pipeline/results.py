@@ -3,7 +3,8 @@ and its final measurement.
 
 Layout (an interface users script against):
   /                 attrs: n_params, config (resolved YAML), units, versions, code_version, n_ranks
-  /history/<field>  1-D datasets, one row per step; energies per site in S.S units
+  /history/<field>  1-D datasets, one row per step: the fields of `records.StepRecord`, in its
+                    order and with its documentation; energies per site in S.S units
   /final            attrs: energy_per_site, energy_error, variance_per_site, v_score,
                     reference_energy_per_site, relative_error, n_samples, r_hat, acceptance
 
@@ -17,15 +18,10 @@ from typing import Mapping
 import h5py
 import numpy as np
 
-HISTORY = ("step", "energy", "energy_error", "energy_imag", "variance", "acceptance", "r_hat",
-           "seconds", "t_sample", "t_energy", "t_sr", "lr", "diag_shift", "phase_scale",
-           "cg_iterations", "sr_residual", "bytes_comm")
-INTEGER = ("step", "cg_iterations", "bytes_comm")
+from .errors import ResultsError
+from .records import DTYPES, HISTORY, StepRecord
+
 UNITS = "energies per site in S.S units (H = J1 sum S_i.S_j + J2 sum S_i.S_j); variance = Var(E_loc)/N"
-
-
-class ResultsError(RuntimeError):
-    """results.h5 cannot be opened or written; the message names the file and the cause."""
 
 
 class ResultsWriter:
@@ -47,7 +43,7 @@ class ResultsWriter:
         for name in HISTORY:
             if name not in hist:
                 hist.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(256,),
-                                    dtype=np.int64 if name in INTEGER else np.float64)
+                                    dtype=DTYPES[name])
             hist[name].resize((n_keep,))
         if "final" in f:
             del f["final"]
@@ -57,13 +53,13 @@ class ResultsWriter:
         f.flush()
         f.swmr_mode = True
 
-    def append(self, row: Mapping[str, float]) -> None:
+    def append(self, record: StepRecord) -> None:
         hist = self.f["history"]
-        for name in HISTORY:
+        for name, value in record.as_dict().items():
             ds = hist[name]
             n = ds.shape[0]
             ds.resize((n + 1,))
-            ds[n] = row.get(name, np.nan)
+            ds[n] = value
             ds.flush()
 
     def truncate(self, step: int) -> None:

@@ -19,8 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Purposes of the random streams (the second fold_in).
-INIT, THERMALIZE, STEP, FINAL = 0, 1, 2, 3
+from . import backend  # noqa: F401  (device pinning, float64)
+
+# Purposes of the random streams (the second fold_in). FINAL_BURN_IN: the sweeps discarded before
+# a measurement, under the parameters being measured.
+INIT, THERMALIZE, STEP, FINAL, FINAL_BURN_IN = 0, 1, 2, 3, 4
 
 
 class Samples(NamedTuple):

@@ -31,15 +31,16 @@ Solvers (all give the same direction up to round-off or the CG tolerance):
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.flatten_util import ravel_pytree
 
 from . import dist
+from .config import OptimizerConfig, Solver
 
-SOLVERS = ("auto", "dense", "cg", "kernel")
 DENSE_MAX_PARAMS = 4096
 KERNEL_MAX_ROWS = 8192
 GRAM_BLOCKS = 4  # row blocks of X for the kernel X X^T: 10 of 16 block products are computed
@@ -50,17 +51,18 @@ class SRInfo(NamedTuple):
     residual: jax.Array  # |(S + lambda) x - F| / |F|
 
 
-def choose_solver(solver: str, n_params: int, n_total: int) -> str:
-    """'auto': dense for small P, kernel when parameters outnumber samples, CG otherwise."""
-    if solver not in SOLVERS:
-        raise ValueError(f"optimizer.solver={solver!r}: unknown, expected one of {SOLVERS}")
-    if solver != "auto":
-        return solver
-    if n_params <= min(DENSE_MAX_PARAMS, 2 * n_total):
-        return "dense"
-    if n_params > 2 * n_total and 2 * n_total <= KERNEL_MAX_ROWS:
-        return "kernel"
-    return "cg"
+def choose_solver(solver: Solver | str, n_params: int, n_total: int) -> tuple[str, str]:
+    """The concrete solver and why: 'auto' takes dense for small P, the kernel form when
+    parameters outnumber the 2 N_tot rows of X (and its 2N_tot x 2N_tot system is small enough),
+    CG otherwise."""
+    if solver != Solver.auto:
+        return str(solver), f"optimizer.solver={solver}"
+    rows = 2 * n_total
+    if n_params <= min(DENSE_MAX_PARAMS, rows):
+        return "dense", f"auto: P={n_params} <= min({DENSE_MAX_PARAMS}, 2 N_tot={rows})"
+    if n_params > rows and rows <= KERNEL_MAX_ROWS:
+        return "kernel", f"auto: P={n_params} > 2 N_tot={rows} <= {KERNEL_MAX_ROWS}"
+    return "cg", f"auto: P={n_params}, 2 N_tot={rows}: neither dense nor kernel fits"
 
 
 def bytes_per_step(solver: str, n_params: int, n_total: int, cg_iterations: int = 0) -> int:
@@ -176,7 +178,7 @@ def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solve
         mine = jax.lax.dynamic_slice_in_dim(y, dist.rank() * m, m)
         x = dist.allreduce_sum(X.T @ mine) / n_total + momentum * previous
     else:
-        raise ValueError(f"optimizer.solver={solver!r}: not a concrete solver")
+        raise ValueError(f"not a concrete solver: {solver!r}")
     # Residual of the regularized normal equations, as a check on the solve (one more matvec).
     r = dist.allreduce_sum(X.T @ (X @ x)) / n_total + diag_shift * x - rhs
     res = jnp.linalg.norm(r) / jnp.maximum(jnp.linalg.norm(rhs), 1e-300)
@@ -194,3 +196,53 @@ def direction(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: 
     x, info = solve(X, e, n_total, diag_shift, solver, cg_tol, cg_maxiter,
                     ravel_pytree(previous)[0], momentum)
     return ravel_pytree(params)[1](x), info
+
+
+class SRState(NamedTuple):
+    """What the preconditioner carries from step to step (and checkpoints hold)."""
+
+    optax_state: Any  # the optimizer's state (its step count drives the learning-rate schedule)
+    previous: Any  # the last SR direction, a parameter pytree (SPRING momentum)
+
+
+def geometric_schedule(start: float, end: float, n_iter: int) -> optax.Schedule:
+    """start * (end / start) ** (step / n_iter), constant at `end` after n_iter."""
+    return optax.exponential_decay(start, max(n_iter, 1), end / start, end_value=end)
+
+
+class Preconditioner:
+    """SR as an optimizer: the solver, the schedules (optax) of learning rate, diagonal shift and
+    phase scale, and the momentum state. `update` maps (parameters, samples, local energies) to
+    new parameters; every rank computes the identical update."""
+
+    def __init__(self, o: OptimizerConfig, n_iter: int, n_params: int, n_total: int,
+                 chunk: int = 0) -> None:
+        self.config, self.n_total, self.chunk = o, n_total, chunk
+        self.solver, self.reason = choose_solver(o.solver, n_params, n_total)
+        self.lr = optax.warmup_cosine_decay_schedule(o.lr / 10, o.lr, o.warmup,
+                                                     max(n_iter, o.warmup + 1), o.lr_final)
+        self.diag_shift = geometric_schedule(o.diag_shift, o.diag_shift_final, n_iter)
+        self.phase_scale = geometric_schedule(o.phase_scale, o.phase_scale_final, n_iter)
+        self.optimizer = optax.sgd(self.lr)
+        self.n_params = n_params
+
+    def init(self, params) -> SRState:
+        return SRState(self.optimizer.init(params), jax.tree_util.tree_map(jnp.zeros_like, params))
+
+    def update(self, logpsi: Callable, params, s: jax.Array, eloc: jax.Array, state: SRState,
+               step: int, lr_scale: float) -> tuple[Any, SRState, dict[str, float]]:
+        """One SR update at `step`; the learning rate is scaled by `lr_scale` (rollbacks)."""
+        o = self.config
+        shift, kappa = float(self.diag_shift(step)), float(self.phase_scale(step))
+        d, info = direction(logpsi, params, s, eloc, self.n_total, jnp.asarray(shift),
+                            jnp.asarray(kappa), self.solver, self.chunk, o.cg_tol, o.cg_maxiter,
+                            state.previous, jnp.asarray(o.momentum))
+        scaled = jax.tree_util.tree_map(lambda g: g * lr_scale, d)
+        updates, optax_state = self.optimizer.update(scaled, state.optax_state, params)
+        params = optax.apply_updates(params, updates)
+        cg_iters = int(info.cg_iterations)
+        return params, SRState(optax_state, d), {
+            "lr": float(self.lr(step)) * lr_scale, "diag_shift": shift, "phase_scale": kappa,
+            "cg_iterations": cg_iters, "sr_residual": float(info.residual),
+            "bytes_comm": bytes_per_step(self.solver, self.n_params, self.n_total, cg_iters)
+            if dist.size() > 1 else 0}

@@ -1,5 +1,6 @@
-"""A run directory's own record of its state (queued, running, requeued, finished, failed),
-readable without squeue: <run dir>/status.json, replaced atomically by rank 0."""
+"""A run directory's own record of its state, readable without squeue: <run dir>/status.json,
+replaced atomically by rank 0. States: queued, running, requeued (stopped by a signal with a
+checkpoint, to be run again), stopped (run.steps_per_job reached), finished, failed."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ import time
 from typing import Any
 
 FILE = "status.json"
+REQUEUED = "requeued"
+EXIT_REQUEUE = 3  # process exit status of a job that checkpointed and asks to be run again
 
 
 def read(run_dir: str) -> dict[str, Any]:

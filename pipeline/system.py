@@ -32,13 +32,13 @@ class System:
 
     @classmethod
     def build(cls, cfg: Config) -> "System":
-        lat = Lattice(cfg.lattice.L, cfg.lattice.patch, cfg.lattice.kind)
+        lat = Lattice(cfg.lattice.L, cfg.lattice.patch, str(cfg.lattice.kind))
         h = cfg.hamiltonian
         ham = Hamiltonian.build(lat, h.J1, h.J2, h.marshall_sign)
         m = cfg.model
         model = ViT(L=lat.L, patch=lat.patch, d=m.d, heads=m.heads, layers=m.layers,
-                    attention=m.attention, translation_invariant=m.translation_invariant)
-        logpsi = project(partial(_apply, model), *group(lat, m.symmetry))
+                    attention=str(m.attention), translation_invariant=m.translation_invariant)
+        logpsi = project(partial(_apply, model), *group(lat, str(m.symmetry)))
         moves = lat.bonds1 if not cfg.sampler.next_nearest_moves else np.concatenate(
             [lat.bonds1, lat.bonds2])
         sampler = ExchangeSampler(logpsi, moves, cfg.sampler.sweep_size or lat.n_sites)

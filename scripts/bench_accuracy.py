@@ -17,12 +17,11 @@ import os
 import statistics
 import time
 
-from hydra import compose, initialize_config_dir
-
-from pipeline.__main__ import CONF_DIR
-from pipeline.config import validate
+from pipeline import measure
+from pipeline.config import compose, validate
 from pipeline.driver import Driver
 from pipeline.models import group
+from pipeline.report import reference_energy, with_reference
 from pipeline.system import System
 
 CALIBRATION_STEPS = 12
@@ -32,9 +31,7 @@ SPLIT = ("t_sample", "t_energy", "t_sr")  # per-step phases the driver times
 
 
 def configure(kind: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=bench_4x4", f"model=vit_{kind}", *overrides])
-    return validate(cfg)
+    return validate(compose(["+experiment=bench_4x4", f"model=vit_{kind}", *overrides]))
 
 
 def bench(kind: str, minutes: float, overrides: list[str]) -> dict:
@@ -48,7 +45,7 @@ def bench(kind: str, minutes: float, overrides: list[str]) -> dict:
         t = time.perf_counter()
         state, rec = probe.step(state)
         times.append(time.perf_counter() - t)
-        sampling.append(rec["t_sample"] + rec["t_energy"])
+        sampling.append(rec.t_sample + rec.t_energy)
     per_step, per_estimate = (statistics.median(x[4:]) for x in (times, sampling))
     # The measurements cost what sampling and local energies cost per step, scaled by their
     # sample counts and (projected) by the group size: full (64 images) over the training one.
@@ -65,13 +62,14 @@ def bench(kind: str, minutes: float, overrides: list[str]) -> dict:
     while state.step < n_iter:
         state, rec = driver.step(state)
         for k in SPLIT:
-            split[k].append(rec[k])
+            split[k].append(getattr(rec, k))
         if state.step % 100 == 0:
-            print(f"  [{kind}] step {state.step}/{n_iter}: E/N = {rec['energy']:.6f} "
-                  f"± {rec['energy_error']:.6f}", flush=True)
+            print(f"  [{kind}] step {state.step}/{n_iter}: E/N = {rec.energy:.6f} "
+                  f"± {rec.energy_error:.6f}", flush=True)
     train_s = time.perf_counter() - t_train
     t_final = time.perf_counter()
-    final = driver.measure(state)
+    ref = reference_energy(cfg, system.hamiltonian)
+    final = with_reference(measure.energy(state.vstate, cfg.sampler.n_samples_final, state.step), ref)
     t_projected = time.perf_counter()
     # The same parameters, projected on the full symmetry group (translations x C4v x spin flip)
     # for the final measurement only: it lowers the energy without retraining.
@@ -79,7 +77,9 @@ def bench(kind: str, minutes: float, overrides: list[str]) -> dict:
                                                                       chunk_size=2048),
                                    sampler=dataclasses.replace(run_cfg.sampler,
                                                                n_samples_final=PROJECTED_SAMPLES))
-    projected = Driver(System.build(full_cfg)).measure(state)
+    full = System.build(full_cfg)
+    projected = with_reference(measure.energy(state.vstate.replace(system=full),
+                                              PROJECTED_SAMPLES, state.step), ref)
     return {"attention": kind, "params": driver.n_params, "solver": driver.solver,
             "symmetry": cfg.model.symmetry, "steps": n_iter, "seconds_per_step": train_s / n_iter,
             **{f"median_{k}": statistics.median(v) for k, v in split.items()},

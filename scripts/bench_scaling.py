@@ -16,22 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from pipeline import dist
-from pipeline.config import Config, validate
+from pipeline.config import Config, compose, validate
 from pipeline.driver import Driver
 from pipeline.system import System
 
 
 def _config(overrides: list[str]) -> Config:
-    c = Config()
-    c.sampler.n_thermalize = 5
-    for item in overrides:
-        key, value = item.split("=", 1)
-        *path, last = key.split(".")
-        node = c
-        for p in path:
-            node = getattr(node, p)
-        setattr(node, last, type(getattr(node, last))(value))
-    return validate(c, dist.size())
+    """Hydra overrides, exactly as `python -m pipeline` takes them."""
+    return validate(compose(["sampler.n_thermalize=5", *overrides]), dist.size())
 
 
 def _comm_seconds(solver: str, n_params: int, n_total: int, n_local: int, repeat: int = 5) -> float:
@@ -79,17 +71,16 @@ def main(overrides: list[str]) -> None:
         comm = _comm_seconds(driver.solver, driver.n_params, c.sampler.n_samples,
                              c.sampler.n_samples // dist.size())
         if driver.solver == "cg":  # one P-vector all-reduce per CG iteration on top
-            comm += float(np.mean([r["cg_iterations"] for r in records])) * comm / 3
+            comm += float(np.mean([r.cg_iterations for r in records])) * comm / 3
         if dist.is_root():
             print(json.dumps({
                 "ranks": dist.size(), "solver": driver.solver, "params": driver.n_params,
                 "samples": c.sampler.n_samples, "seconds_per_step": seconds,
                 "samples_per_second": c.sampler.n_samples / seconds,
-                "t_sample": float(np.mean([r["t_sample"] for r in records])),
-                "t_energy": float(np.mean([r["t_energy"] for r in records])),
-                "t_sr": float(np.mean([r["t_sr"] for r in records])),
+                **{k: float(np.mean([getattr(r, k) for r in records]))
+                   for k in ("t_sample", "t_energy", "t_sr")},
                 "comm_seconds": comm, "comm_share": comm / seconds,
-                "bytes_per_step": records[-1]["bytes_comm"]}), flush=True)
+                "bytes_per_step": records[-1].bytes_comm}), flush=True)
 
 
 def table(lines: list[str]) -> None:

@@ -64,11 +64,11 @@ def main() -> None:
         state, rec = driver.step(state)
         train_s += time.perf_counter() - t
         if state.step % args.every == 0 or state.step == args.steps:
-            e = energy(h, vector(state.params), N)
+            e = energy(h, vector(state.vstate.params), N)
             print(f"step {state.step:5d}  train {train_s:7.1f} s  exact E/N {e:.6f}  "
-                  f"rel. error {rel(e):.2e}  (MC E/N of the step {rec['energy']:.5f})",
+                  f"rel. error {rel(e):.2e}  (MC E/N of the step {rec.energy:.5f})",
                   flush=True)
-    psi = vector(state.params)
+    psi = vector(state.vstate.params)
     overlap = np.vdot(gs, psi)
     psi = psi * np.conj(overlap) / abs(overlap)  # global phase aligned with the ground state
     wrong = np.sign(psi.real) != np.sign(gs)

@@ -5,10 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-
-from pipeline.__main__ import CONF_DIR
-from pipeline.config import ConfigError, validate
+from pipeline.config import ConfigError, compose, conf_dir, validate
 
 from conftest import make_config, run_cli
 
@@ -16,26 +13,35 @@ BAD = [
     ({"lattice.L": 6, "lattice.patch": 4}, "lattice.L=6: not divisible by lattice.patch=4"),
     ({"lattice.L": 3, "lattice.patch": 1}, "lattice.L=3: N = L^2 = 9 is odd"),
     ({"lattice.L": 1, "lattice.patch": 1}, "lattice.L=1"),
-    ({"lattice.kind": "triangular"}, "lattice.kind='triangular'"),
+    ({"lattice.kind": "triangular"},
+     "lattice.kind='triangular': Invalid value 'triangular', expected one of [square, shastry_sutherland]"),
     ({"model.heads": 3}, "model.heads=3: does not divide model.d=16"),
     ({"model.d": 0}, "model.d=0"),
-    ({"model.attention": "linear"}, "model.attention='linear': unknown attention kind"),
+    ({"model.attention": "linear"}, "model.attention='linear': Invalid value 'linear', expected one of "
+                                    "[factored, standard]"),
     ({"model.symmetry": "everything"}, "model.symmetry='everything'"),
+    ({"model.d": "big"}, "model.d='big': Value 'big' of type 'str' could not be converted to Integer"),
     ({"model.chunk_size": -1}, "model.chunk_size=-1"),
     ({"sampler.n_samples": 0}, "sampler.n_samples=0: must be positive"),
     ({"sampler.n_chains": -4}, "sampler.n_chains=-4: must be positive"),
     ({"sampler.n_samples": 1000}, "sampler.n_samples=1000: not a multiple of sampler.n_chains=1024"),
     ({"sampler.n_samples_final": 100}, "sampler.n_samples_final=100"),
     ({"sampler.n_thermalize": -1}, "sampler.n_thermalize=-1"),
-    ({"optimizer.solver": "qr"}, "optimizer.solver='qr': unknown solver"),
+    ({"optimizer.solver": "qr"}, "optimizer.solver='qr': Invalid value 'qr'"),
     ({"optimizer.lr": 0.0}, "optimizer.lr=0.0: must be positive"),
+    ({"optimizer.lr": float("inf")}, "optimizer.lr=inf: must be finite"),
     ({"optimizer.diag_shift": -1e-3}, "optimizer.diag_shift=-0.001"),
+    ({"optimizer.diag_shift": float("inf")}, "optimizer.diag_shift=inf: must be finite"),
+    ({"optimizer.phase_scale": float("nan")}, "optimizer.phase_scale=nan: must be finite"),
+    ({"optimizer.cg_tol": float("inf")}, "optimizer.cg_tol=inf: must be finite"),
     ({"optimizer.cg_maxiter": 0}, "optimizer.cg_maxiter=0"),
     ({"optimizer.momentum": 1.0}, "optimizer.momentum=1.0: must be in [0, 1)"),
     ({"optimizer.phase_scale": 0.0}, "optimizer.phase_scale=0.0: must be positive"),
     ({"run.n_iter": 0}, "run.n_iter=0: must be positive"),
     ({"run.n_iter": -5}, "run.n_iter=-5"),
     ({"run.seed": -1}, "run.seed=-1"),
+    ({"run.seed": 2 ** 63}, "run.seed=9223372036854775808: must be in [0, 2^63)"),
+    ({"hamiltonian.J1": 0.0, "hamiltonian.J2": 0.0}, "hamiltonian.J1=0.0: and hamiltonian.J2 are both zero"),
     ({"hamiltonian.J2": float("nan")}, "hamiltonian.J2=nan: must be finite"),
     ({"checkpoint.keep": 0}, "checkpoint.keep=0"),
     ({"checkpoint.every_steps": 0}, "checkpoint.every_steps=0"),
@@ -60,15 +66,14 @@ def test_chains_not_divisible_by_ranks() -> None:
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose(overrides)
 
 
 @pytest.mark.parametrize("group,options", [
     ("model", ["vit_factored", "vit_standard"]), ("lattice", ["square", "shastry_sutherland"]),
     ("launcher", ["local", "slurm"]), ("experiment", ["bench_4x4", "paper_4x4", "paper_6x6", "size_sweep"])])
 def test_every_config_composes_and_validates(group: str, options: list[str]) -> None:
-    on_disk = sorted(f[:-5] for f in os.listdir(os.path.join(CONF_DIR, group)) if f.endswith(".yaml"))
+    on_disk = sorted(f[:-5] for f in os.listdir(os.path.join(conf_dir(), group)) if f.endswith(".yaml"))
     assert on_disk == sorted(options)
     for option in options:
         prefix = "+" if group == "experiment" else ""
@@ -103,3 +108,17 @@ def test_every_experiment_runs_two_steps(experiment: str) -> None:
     state, final = driver.run(driver.fresh_state())
     assert state.step == 2 and np.isfinite(final["energy_per_site"])
     assert final["energy_per_site"] < 0
+
+
+def test_choices_are_checked_by_the_schema_when_composing() -> None:
+    for override, bad in (("model.attention=linear", "linear"), ("optimizer.solver=qr", "qr"),
+                          ("model.symmetry=all", "all"), ("lattice.kind=hex", "hex")):
+        with pytest.raises(Exception, match=f"override {override}") as err:
+            _compose(override)
+        assert f"Invalid value '{bad}'" in str(err.value.__cause__)
+
+
+def test_model_name_follows_the_attention_kind() -> None:
+    assert validate(_compose("model.attention=standard")).model.name == "vit_standard"
+    assert validate(_compose("model=vit_standard")).model.name == "vit_standard"
+    assert validate(_compose()).model.name == "vit_factored"

@@ -120,7 +120,7 @@ def test_sigusr2_mid_run_checkpoints_requeues_and_resumes_identically(tmp_path) 
     assert proc.returncode == 3, stdout + stderr
     assert "received SIGUSR2" in stdout
     st = json.load(open(os.path.join(run_dir, "status.json")))
-    assert st["state"] == "requeue" and st["requeues"] == 1
+    assert st["state"] == "requeued" and st["requeues"] == 1
     stopped_at = st["step"]
     assert 2 <= stopped_at < n
     again = job(run_dir, n=n)

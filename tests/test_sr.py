@@ -75,8 +75,8 @@ def test_dense_solver_falls_back_when_not_positive_definite() -> None:
 
 
 def test_auto_solver_choice() -> None:
-    assert sr.choose_solver("auto", 500, 1024) == "dense"
-    assert sr.choose_solver("auto", 3368, 1024) == "kernel"
-    assert sr.choose_solver("auto", 50000, 8192) == "cg"
-    with pytest.raises(ValueError, match="optimizer.solver='bogus'"):
-        sr.choose_solver("bogus", 1, 1)
+    assert sr.choose_solver("auto", 500, 1024)[0] == "dense"
+    solver, why = sr.choose_solver("auto", 3368, 1024)
+    assert solver == "kernel" and "P=3368 > 2 N_tot=2048" in why
+    assert sr.choose_solver("auto", 50000, 8192)[0] == "cg"
+    assert sr.choose_solver("cg", 500, 1024) == ("cg", "optimizer.solver=cg")

@@ -20,10 +20,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .. import status
-from ..config import Config, ConfigError, LauncherConfig, to_yaml, validate
+from ..config import Config, LauncherConfig, to_yaml, validate
+from ..errors import ConfigError
 
 _PENDING: list[tuple[Config, str]] = []
-EXIT_REQUEUED = 3
 
 
 class SubmissionError(RuntimeError):
@@ -148,7 +148,7 @@ class SlurmJob:
         import submitit
 
         from .. import dist
-        from ..app import EXIT_REQUEUE, run_job
+        from ..app import run_job
 
         env = submitit.JobEnvironment()
         cfg = OmegaConf.create(config_yaml)
@@ -159,7 +159,7 @@ class SlurmJob:
             status.write(run_dir, "failed", error=msg, job_id=env.job_id)
             raise RuntimeError(msg)
         code = run_job(cfg, run_dir, progress_bar=False)
-        if code != EXIT_REQUEUE:
+        if code != status.EXIT_REQUEUE:
             return status.read(run_dir) if dist.is_root() else None
         if dist.is_root():
             done = int(status.read(run_dir).get("requeues", 0))
@@ -168,6 +168,6 @@ class SlurmJob:
                              error=f"requeue cap launcher.max_requeues={cfg.launcher.max_requeues} reached")
                 raise RuntimeError(f"not requeued: launcher.max_requeues={cfg.launcher.max_requeues} reached")
             subprocess.check_call(["scontrol", "requeue", env.job_id], timeout=60)
-            status.write(run_dir, "requeued", job_id=env.job_id)
+            status.write(run_dir, status.REQUEUED, job_id=env.job_id)
         # Exit without a result: submitit then treats the requeued job as still running.
-        raise SystemExit(EXIT_REQUEUED)
+        raise SystemExit(status.EXIT_REQUEUE)

@@ -1,6 +1,5 @@
 """ViT wave functions."""
-from .attention import KINDS
-from .symmetry import MODES, group, project
+from .symmetry import group, project
 from .vit import ViT, n_params
 
-__all__ = ["KINDS", "MODES", "ViT", "group", "n_params", "project"]
+__all__ = ["ViT", "group", "n_params", "project"]

@@ -10,7 +10,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ("factored", "standard")
+from .. import backend  # noqa: F401  (device pinning, float64)
+
 DT = jnp.float64
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import backend  # noqa: F401  (device pinning, float64)
 from ..lattice import Lattice
 from .attention import DT, FactoredAttention, StandardAttention
 

@@ -32,10 +32,10 @@ def main(out: str, solver: str, n_steps: int) -> None:
         energies = []
         for _ in range(n_steps):
             state, record = driver.step(state)
-            energies.append(record["energy"])
-        flat = np.asarray(ravel_pytree(state.params)[0])
+            energies.append(record.energy)
+        flat = np.asarray(ravel_pytree(state.vstate.params)[0])
         dist.assert_same("parameters", flat)
-        chains = dist.gather_rows(np.asarray(state.chains))
+        chains = dist.gather_rows(np.asarray(state.vstate.chains))
         if dist.is_root():
             np.savez(out, energies=np.array(energies), params=flat, chains=chains,
                      n_ranks=dist.size())

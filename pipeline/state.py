@@ -1,0 +1,103 @@
+"""The variational state: parameters, log psi (projected or not), the sampler and this rank's chains.
+
+It knows how to sample |psi|^2, compute local energies and estimate any observable over all
+ranks' samples; training, the final measurement and scripts use it alike. It is immutable:
+`sample` and `thermalize` return a new state with advanced chains, `replace` one with new
+parameters.
+
+Randomness: the key of chain g for purpose p at step t is derived from (seed, p, t, g) (see
+`sampler.chain_keys`), so the samples do not depend on the rank count, and a resumed run draws
+the same numbers as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from . import dist
+from .hamiltonian import local_energies
+from .sampler import INIT, THERMALIZE, Samples, chain_keys, init_chains
+from .stats import Stats, energy_stats
+from .system import System
+
+# estimator(logpsi, params, s, logpsi_s) -> (n,) local values of an observable
+Estimator = Callable[[Callable, Any, jax.Array, jax.Array], jax.Array]
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _stats(values, n_per_chain, n_chains_total):
+    return energy_stats(values, n_per_chain, n_chains_total)
+
+
+@jax.jit
+def _acceptance(accepted, proposed):
+    return dist.allreduce_sum(accepted) / jnp.maximum(dist.allreduce_sum(proposed), 1)
+
+
+@dataclass(frozen=True, eq=False)
+class VariationalState:
+    """Parameters and this rank's Markov chains for one `System` (the rest is fixed)."""
+
+    system: System
+    params: Any
+    chains: jax.Array  # (C_local, N) int8, this rank's chains in global chain order
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def fresh(cls, system: System, params=None) -> "VariationalState":
+        """Parameters from the seed (or given), broadcast from rank 0, and thermalized chains."""
+        params = dist.bcast(system.init_params(system.cfg.run.seed) if params is None else params)
+        vs = cls(system, params, init_chains(_keys(system, INIT, 0), system.n_sites))
+        return vs.thermalize(system.cfg.sampler.n_thermalize, THERMALIZE, 0)
+
+    def replace(self, **changes: Any) -> "VariationalState":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def n_params(self) -> int:
+        return self.system.n_params(self.params)
+
+    # ---- sampling --------------------------------------------------------------------------
+    def sample(self, n_per_chain: int, purpose: int, step: int) -> tuple["VariationalState", Samples]:
+        """n_per_chain samples from every chain (one per sweep); returns the advanced state."""
+        chains, smp = self.system.sampler.run(self.params, self.chains,
+                                              _keys(self.system, purpose, step), n_per_chain)
+        return self.replace(chains=chains), smp
+
+    def thermalize(self, n_sweeps: int, purpose: int, step: int) -> "VariationalState":
+        """Advance every chain by n_sweeps sweeps and discard the samples (burn-in)."""
+        return self.sample(n_sweeps, purpose, step)[0] if n_sweeps else self
+
+    # ---- estimation ------------------------------------------------------------------------
+    def local_energies(self, samples: Samples) -> jax.Array:
+        """Complex local energies (total, not per site) of the samples."""
+        sys = self.system
+        return local_energies(sys.hamiltonian, sys.logpsi, self.params, samples.s, samples.logpsi,
+                              sys.cfg.model.chunk_size)
+
+    def statistics(self, values: jax.Array, n_per_chain: int) -> Stats:
+        """Mean, autocorrelation-aware error, variance and R-hat of sample-major local values
+        over all ranks' chains."""
+        return _stats(values, n_per_chain, self.system.cfg.sampler.n_chains)
+
+    def expect(self, estimator: Estimator, samples: Samples, n_per_chain: int) -> Stats:
+        """Statistics of any observable, given its local estimator, on these samples."""
+        sys = self.system
+        return self.statistics(estimator(sys.logpsi, self.params, samples.s, samples.logpsi),
+                               n_per_chain)
+
+    @staticmethod
+    def acceptance(samples: Samples) -> float:
+        """Accepted / proposed exchanges (whose spins differed), over all ranks."""
+        return float(_acceptance(samples.accepted, samples.proposed))
+
+
+def _keys(system: System, purpose: int, step: int) -> jax.Array:
+    n_local = system.cfg.sampler.n_chains // dist.size()
+    ids = jnp.arange(n_local) + dist.rank() * n_local
+    return chain_keys(system.cfg.run.seed, purpose, step, ids)

@@ -1,0 +1,244 @@
+"""The numbers the headline rests on: statistics against numpy on chains of known
+autocorrelation, projected and chunked local energies and log-derivatives against the dense
+unprojected computation on the whole 4x4 Sz = 0 sector, the Lanczos start, checkpoint pruning and
+timing, and a rollback that recovers."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from pipeline import checkpoint, exact, sr, stats
+from pipeline.driver import Driver, RunState
+from pipeline.hamiltonian import Hamiltonian, local_energies
+from pipeline.hooks import BaseHook, CheckpointHook
+from pipeline.lattice import Lattice
+from pipeline.models import group
+from pipeline.sr import Preconditioner, SRState
+from pipeline.state import VariationalState
+
+from conftest import make_config, randomized, system_for
+
+
+# ---- statistics -------------------------------------------------------------------------------
+def _ar1_chains(S: int, C: int, rho: float, seed: int = 0, offsets=None) -> np.ndarray:
+    """(S, C) AR(1) chains x_t = rho x_{t-1} + sqrt(1 - rho^2) eps_t (unit variance), stationary."""
+    rng = np.random.default_rng(seed)
+    x = np.empty((S, C))
+    x[0] = rng.normal(size=C)
+    for t in range(1, S):
+        x[t] = rho * x[t - 1] + np.sqrt(1 - rho ** 2) * rng.normal(size=C)
+    return x + (0 if offsets is None else offsets)
+
+
+def _split_r_hat(x: np.ndarray) -> float:
+    """Gelman-Rubin split R-hat written out from its definition."""
+    S = x.shape[0]
+    h = S // 2
+    halves = np.concatenate([x[:h], x[S - h:]], axis=1)
+    m = halves.shape[1]
+    W = halves.var(axis=0, ddof=1).mean()
+    B_over_n = halves.mean(axis=0).var(ddof=1)
+    return float(np.sqrt(((h - 1) / h * W + B_over_n) / W))
+
+
+def test_energy_statistics_equal_numpy_and_see_the_autocorrelation() -> None:
+    S, C, rho = 200, 64, 0.8
+    x = _ar1_chains(S, C, rho) - 2.0
+    imag = 0.1 * _ar1_chains(S, C, 0.0, seed=1)
+    eloc = jnp.asarray((x + 1j * imag).reshape(-1))  # sample-major, as the sampler returns them
+    st = jax.jit(stats.energy_stats, static_argnums=(1, 2))(eloc, S, C)
+    z = x + 1j * imag
+    np.testing.assert_allclose(complex(st.mean), z.mean(), rtol=1e-13)
+    np.testing.assert_allclose(float(st.variance), np.mean(np.abs(z - z.mean()) ** 2), rtol=1e-12)
+    np.testing.assert_allclose(float(st.error), x.mean(axis=0).std(ddof=1) / np.sqrt(C), rtol=1e-12)
+    np.testing.assert_allclose(float(st.r_hat), _split_r_hat(x), rtol=1e-12)
+    # The error bar sees the autocorrelation: for AR(1) the variance of the mean is inflated by
+    # (1 + rho) / (1 - rho) = 9 over the naive sigma^2 / n.
+    naive = np.sqrt(1.0 / (S * C))
+    assert float(st.error) == pytest.approx(naive * np.sqrt((1 + rho) / (1 - rho)), rel=0.25)
+    assert float(st.error) > 2 * naive
+    assert abs(float(st.r_hat) - 1) < 0.05
+
+
+def test_r_hat_flags_chains_that_disagree() -> None:
+    S, C = 100, 32
+    offsets = np.repeat([0.0, 3.0], C // 2)  # half the chains stuck elsewhere
+    x = _ar1_chains(S, C, 0.5, offsets=offsets)
+    st = jax.jit(stats.energy_stats, static_argnums=(1, 2))(jnp.asarray(x.reshape(-1)), S, C)
+    assert float(st.r_hat) > 1.5
+    np.testing.assert_allclose(float(st.r_hat), _split_r_hat(x), rtol=1e-12)
+
+
+# ---- projected and chunked paths against the dense computation ------------------------------------
+def _dense_projected(system, params, s: np.ndarray, mode: str) -> np.ndarray:
+    """psi_sym(s) = (1/G) sum_g psi(g s), from the *unprojected* model on every image."""
+    bare = system_for(**{"model.attention": system.cfg.model.attention, "model.d": 8})
+    perm, sign = group(system.lattice, mode)
+    total = 0
+    for p, f in zip(perm, sign):
+        total = total + np.exp(np.asarray(bare.logpsi(params, s[:, p] * f)))
+    return total / len(perm)
+
+
+@pytest.mark.parametrize("mode,chunk,subset", [("translations", 0, None), ("translations", 512, None),
+                                              ("full", 0, 600), ("none", 300, None)])
+def test_projected_and_chunked_local_energies_equal_dense(attention: str, mode: str, chunk: int,
+                                                          subset) -> None:
+    system = system_for(**{"model.attention": attention, "model.d": 8, "model.symmetry": mode,
+                           "model.chunk_size": chunk, "hamiltonian.J2": 0.5})
+    params = randomized(system.init_params(0), jax.random.PRNGKey(3), 0.1)
+    h, states = exact.sparse_hamiltonian(system.hamiltonian)
+    s = exact.configs(states, 16)
+    psi = _dense_projected(system, params, s, mode)
+    expected = (h @ psi) / psi
+    rows = np.arange(len(s)) if subset is None else \
+        np.random.default_rng(1).choice(len(s), subset, replace=False)
+    lp = np.asarray(system.logpsi(params, s[rows]))
+    np.testing.assert_allclose(np.exp(lp), psi[rows], rtol=1e-10)  # the projection itself
+    got = np.asarray(local_energies(system.hamiltonian, system.logpsi, params, s[rows], lp, chunk))
+    np.testing.assert_allclose(got, expected[rows], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode,chunk", [("translations", 0), ("full", 0), ("full", 16)])
+def test_projected_and_chunked_log_derivatives_equal_dense(attention: str, mode: str, chunk: int) -> None:
+    """O_sym(s) = sum_g psi(g s) O(g s) / sum_g psi(g s), with O of the unprojected model."""
+    system = system_for(**{"model.attention": attention, "model.d": 8, "model.symmetry": mode})
+    bare = system_for(**{"model.attention": attention, "model.d": 8})
+    params = randomized(system.init_params(0), jax.random.PRNGKey(4), 0.1)
+    states = exact.sz0_basis(16)
+    s = exact.configs(states[np.random.default_rng(2).choice(len(states), 48, replace=False)], 16)
+    perm, sign = group(system.lattice, mode)
+    num, den = 0, 0
+    for p, f in zip(perm, sign):
+        images = jnp.asarray(s[:, p] * f)
+        psi = np.exp(np.asarray(bare.logpsi(params, images)))
+        num = num + psi[:, None] * np.asarray(sr.log_derivatives(bare.logpsi, params, images))
+        den = den + psi
+    got = np.asarray(sr.log_derivatives(system.logpsi, params, jnp.asarray(s), chunk))
+    np.testing.assert_allclose(got, num / den[:, None], rtol=1e-8, atol=1e-10)
+
+
+# ---- exact diagonalization ----------------------------------------------------------------------
+@pytest.mark.parametrize("kind,marshall", [("square", False), ("square", True),
+                                           ("shastry_sutherland", False)])
+def test_lanczos_start_is_not_an_eigenvector(kind: str, marshall: bool) -> None:
+    """A start vector that is an eigenvector (the uniform one is the ferromagnet's Sz = 0 member
+    without the sign rule) would leave Lanczos in its one-dimensional invariant subspace."""
+    ham = Hamiltonian.build(Lattice(4, 2, kind), 1.0, 0.5, marshall)
+    h, _ = exact.sparse_hamiltonian(ham)
+    v = exact.start_vector(h.shape[0])
+    v = v / np.linalg.norm(v)
+    hv = h @ v
+    assert np.linalg.norm(hv - (v @ hv) * v) > 1e-3 * np.linalg.norm(hv)
+    g = exact.ground_state(ham)[1]
+    assert abs(v @ g) > 1e-4  # it overlaps the ground state
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def _snap(step: int) -> checkpoint.Snapshot:
+    return checkpoint.Snapshot(step, {"w": np.full(3, float(step))}, (np.zeros(2),),
+                               np.ones((2, 4), np.int8), 0, "config: 1\n")
+
+
+def _names(d) -> list[str]:
+    return [os.path.basename(p) for p in checkpoint.list_checkpoints(str(d))]
+
+
+def test_pruning_keeps_the_newest_good_file_when_a_newer_one_is_corrupt(tmp_path) -> None:
+    checkpoint.write(str(tmp_path), _snap(2), {}, keep=1)
+    bad = checkpoint.path_for(str(tmp_path), 10)
+    open(bad, "wb").write(os.urandom(2048))  # a newer corrupt file (kill -9, bad disk)
+    checkpoint.write(str(tmp_path), _snap(4), {}, keep=1)
+    assert _names(tmp_path) == ["ckpt_00000010.h5", "ckpt_00000004.h5"]
+    found = checkpoint.newest_good(str(tmp_path), {"w": np.zeros(3)}, (np.zeros(2),),
+                                   lambda _: None, log=lambda _: None)
+    assert found.step == 4 and found.params["w"][0] == 4.0
+
+
+def test_unreadable_files_do_not_count_toward_keep(tmp_path) -> None:
+    checkpoint.write(str(tmp_path), _snap(2), {}, keep=2)
+    open(checkpoint.path_for(str(tmp_path), 3), "wb").close()  # empty: unreadable
+    checkpoint.write(str(tmp_path), _snap(4), {}, keep=2)
+    assert _names(tmp_path) == ["ckpt_00000004.h5", "ckpt_00000002.h5"]
+
+
+def test_checksum_covers_the_step_and_the_rollback_count(tmp_path) -> None:
+    import h5py
+
+    path = checkpoint.write(str(tmp_path), _snap(4), {}, keep=3)
+    for attr, value in (("rollbacks", 2), ("config", "config: 2\n")):
+        with h5py.File(path, "r+") as f:
+            old = f.attrs[attr]
+            f.attrs[attr] = value
+        with pytest.raises(checkpoint.CheckpointCorrupt, match="checksum"):
+            checkpoint.read(path, {"w": np.zeros(3)}, (np.zeros(2),))
+        with h5py.File(path, "r+") as f:
+            f.attrs[attr] = old
+    os.rename(path, checkpoint.path_for(str(tmp_path), 40))  # step in the name != payload
+    with pytest.raises(checkpoint.CheckpointCorrupt, match="holds step 4"):
+        checkpoint.read(checkpoint.path_for(str(tmp_path), 40), {"w": np.zeros(3)}, (np.zeros(2),))
+
+
+def test_checkpoints_by_time(tmp_path) -> None:
+    now = [0.0]
+    hook = CheckpointHook(str(tmp_path), every_steps=1000, every_minutes=1.0, keep=10,
+                          config_yaml="config: 1\n", meta={}, clock=lambda: now[0])
+    vs = VariationalState(None, {"w": jnp.zeros(3)}, jnp.ones((2, 4), jnp.int8))
+    state = RunState(0, vs, SRState((jnp.zeros(2),), {"w": jnp.zeros(3)}))
+    hook.on_run_start(state)
+    for step in range(1, 20):
+        now[0] += 25.0  # 25 s per step: due every third step (75 s >= 60 s)
+        hook.on_step_end(replace(state, step=step), None)
+    assert _names(tmp_path) == [f"ckpt_{s:08d}.h5" for s in (18, 15, 12, 9, 6, 3)]
+
+
+# ---- rollback -----------------------------------------------------------------------------------
+class _FailOnce(Preconditioner):
+    """Returns non-finite parameters once, at step `at`."""
+
+    at, failed = 3, False
+
+    def update(self, logpsi, params, s, eloc, state, step, lr_scale):
+        params, state, info = super().update(logpsi, params, s, eloc, state, step, lr_scale)
+        if step == self.at and not self.failed:
+            type(self).failed = True
+            params = jax.tree_util.tree_map(lambda x: x * jnp.nan, params)
+        return params, state, info
+
+
+class _Recorder(BaseHook):
+    def __init__(self) -> None:
+        self.steps, self.rollbacks, self.params = [], [], {}
+
+    def on_step_end(self, state, record) -> None:
+        self.steps.append(record.step)
+        self.params[state.step] = np.asarray(ravel_pytree(state.vstate.params)[0])
+
+    def on_rollback(self, state) -> None:
+        self.rollbacks.append((state.step, state.rollbacks, state.lr_scale))
+        self.params_back = np.asarray(ravel_pytree(state.vstate.params)[0])
+
+
+def test_rollback_returns_to_the_snapshot_and_the_run_continues() -> None:
+    c = make_config(**{"model.d": 8, "sampler.n_samples": 128, "sampler.n_chains": 64,
+                       "sampler.n_samples_final": 128, "sampler.n_thermalize": 2,
+                       "run.n_iter": 6, "checkpoint.every_steps": 2, "optimizer.warmup": 0})
+    from pipeline.system import System
+
+    system = System.build(c)
+    rec = _Recorder()
+    n_params = system.n_params(system.init_params(0))
+    driver = Driver(system, [rec], _FailOnce(c.optimizer, 6, n_params, 128))
+    state, final = driver.run(driver.fresh_state())
+    assert rec.rollbacks == [(2, 1, 0.5)]  # back to the step-2 snapshot, half the learning rate
+    np.testing.assert_array_equal(rec.params_back, rec.params[2])
+    assert rec.steps == [0, 1, 2, 2, 3, 4, 5]
+    assert state.step == 6 and state.rollbacks == 1
+    assert np.all(np.isfinite(ravel_pytree(state.vstate.params)[0]))
+    assert np.isfinite(final["energy_per_site"]) and final["energy_per_site"] < 0
