@@ -43,10 +43,14 @@ class Symmetry(StrEnum):
 
 
 class Solver(StrEnum):
+    """dense | cg | kernel (minSR, distributed by parameter blocks on K ranks) | kernel_gather (minSR
+    with X gathered on every rank, the reference) | auto (by P, N_tot and K; see sr.choose_solver)."""
+
     auto = "auto"
     dense = "dense"
     cg = "cg"
     kernel = "kernel"
+    kernel_gather = "kernel_gather"
 
 
 class LauncherKind(StrEnum):

@@ -1,6 +1,6 @@
 """The distributed edge: the only module that imports mpi4py and mpi4jax.
 
-Collectives used inside jitted code (`allreduce_sum`, `allgather`) go through mpi4jax on a cloned
+Collectives used inside jitted code (`allreduce_sum`, `allgather`, `alltoall`) go through mpi4jax on a cloned
 communicator and are the identity at size 1. Host-side operations (broadcast of parameters,
 gathering chains for a checkpoint, agreeing on a stop flag) use mpi4py on COMM_WORLD, never
 concurrently with the clone.
@@ -66,6 +66,16 @@ def allgather(x: jax.Array) -> jax.Array:
     import mpi4jax
 
     return mpi4jax.allgather(x, comm=_jax_comm())
+
+
+def alltoall(x: jax.Array) -> jax.Array:
+    """x (K, ...): block k goes to rank k; returns the K blocks received, in rank order. Usable
+    inside jit; the identity at size 1."""
+    if size() == 1:
+        return x
+    import mpi4jax
+
+    return mpi4jax.alltoall(x, comm=_jax_comm())
 
 
 def bcast(tree: Any, root: int = 0) -> Any:

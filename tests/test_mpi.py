@@ -27,19 +27,25 @@ def test_collectives_equal_numpy_sums() -> None:
     assert "rank 1/2" in out.stdout and "(expected 1)" in out.stdout
 
 
-@pytest.mark.parametrize("solver", ["dense", "cg", "kernel"])
-def test_one_rank_and_two_ranks_agree(tmp_path, solver: str) -> None:
-    """Same samples, and energies and parameters after 5 SR steps equal to round-off."""
-    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
-    for n, path in ((1, one), (2, two)):
-        out = _run(n, "agreement.py", str(path), solver, "5")
+@pytest.mark.parametrize("solver,ranks", [("dense", (2,)), ("cg", (2,)), ("kernel", (2, 3)),
+                                          ("kernel_gather", (2,))])
+def test_one_rank_and_k_ranks_agree(tmp_path, solver: str, ranks: tuple[int, ...]) -> None:
+    """Same samples, and energies and parameters after 5 SR steps (momentum and phase scale on)
+    equal to round-off; `kernel` on K ranks is the form distributed by parameter blocks (3 ranks:
+    uneven column blocks)."""
+    runs = {}
+    for n in (1, *ranks):
+        runs[n] = tmp_path / f"{n}.npz"
+        out = _run(n, "agreement.py", str(runs[n]), solver, "5")
         assert out.returncode == 0, out.stderr
-    a, b = np.load(one), np.load(two)
-    assert int(b["n_ranks"]) == 2
-    np.testing.assert_array_equal(a["chains"], b["chains"])
-    np.testing.assert_allclose(b["energies"], a["energies"], rtol=1e-8, atol=0)
-    np.testing.assert_allclose(b["params"], a["params"], rtol=1e-8, atol=1e-8)
+    a = np.load(runs[1])
     assert np.ptp(a["energies"]) > 1e-3  # the parameters did move
+    for n in ranks:
+        b = np.load(runs[n])
+        assert int(b["n_ranks"]) == n
+        np.testing.assert_array_equal(a["chains"], b["chains"])
+        np.testing.assert_allclose(b["energies"], a["energies"], rtol=1e-8, atol=0)
+        np.testing.assert_allclose(b["params"], a["params"], rtol=1e-8, atol=1e-8)
 
 
 def test_failure_on_one_rank_ends_the_job_promptly() -> None:

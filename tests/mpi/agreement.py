@@ -19,8 +19,9 @@ from pipeline.system import System
 def main(out: str, solver: str, n_steps: int) -> None:
     c = Config()
     c.model.d, c.model.heads = 8, 2
-    c.sampler.n_samples, c.sampler.n_chains, c.sampler.n_thermalize = 256, 64, 4
+    c.sampler.n_samples, c.sampler.n_chains, c.sampler.n_thermalize = 192, 96, 4  # 96: 1, 2, 3 ranks
     c.optimizer.solver, c.optimizer.warmup = solver, 0
+    c.model.chunk_size = 32  # the Jacobian (and the re-sharding of X) in chunks
     c.optimizer.momentum = 0.9  # the SPRING terms are distributed too (rows of X phi_prev)
     c.optimizer.phase_scale, c.optimizer.phase_scale_final = 10.0, 2.0  # and the phase scale
     c.optimizer.cg_tol, c.optimizer.cg_maxiter = 1e-10, 5000  # converged: no round-off amplification

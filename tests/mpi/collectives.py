@@ -1,4 +1,4 @@
-"""All-reduce and all-gather wrappers (inside jit) against numpy; prints OK on success."""
+"""All-reduce, all-gather and all-to-all wrappers (inside jit) against numpy; prints OK on success."""
 from __future__ import annotations
 
 import jax
@@ -15,6 +15,10 @@ with dist.abort_on_error():
     np.testing.assert_allclose(got, expected, rtol=1e-15)
     gathered = np.asarray(jax.jit(dist.allgather)(jnp.full((2,), float(r))))
     np.testing.assert_array_equal(gathered, np.repeat(np.arange(n, dtype=float), 2).reshape(n, 2))
+    # alltoall: rank r sends block k = 100 r + k to rank k, so rank r receives 100 j + r from j.
+    sent = jnp.asarray([[100.0 * r + k, -1.0] for k in range(n)])
+    got = np.asarray(jax.jit(dist.alltoall)(sent))
+    np.testing.assert_array_equal(got, [[100.0 * j + r, -1.0] for j in range(n)])
     assert dist.any_flag(r == n - 1) is True
     assert dist.any_flag(False) is False
     for line in dist.startup_report():
