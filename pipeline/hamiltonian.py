@@ -4,12 +4,14 @@
 
 with s_i = +-1, s^b the configuration with the spins of bond b exchanged and sign_b = -1 on the
 nearest-neighbour bonds when the Marshall sign rule is on. Only connected configurations (bonds
-whose spins differ) are evaluated: their indices are gathered on the host and padded to a coarse
-bucket so that the jitted evaluation recompiles only a handful of times.
+whose spins differ) are evaluated. They are found on the device, inside `jax.jit`, with a fixed
+shape: `jnp.nonzero(mask, size=bucket)`. The only host traffic is one integer per batch (the
+number of connected pairs), which sets the bucket: it grows with 10% headroom when a batch needs
+more and never shrinks, so after the first steps nothing recompiles.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
@@ -31,6 +33,7 @@ class Hamiltonian:
     J: np.ndarray
     off: np.ndarray
     n_sites: int
+    buckets: dict = field(default_factory=dict, compare=False, repr=False)  # batch size -> size
 
     @classmethod
     def build(cls, lattice: Lattice, J1: float, J2: float, marshall_sign: bool) -> "Hamiltonian":
@@ -52,26 +55,45 @@ class Hamiltonian:
         return (s[..., self.bonds[:, 0]] * s[..., self.bonds[:, 1]]) @ self.J / 4
 
     def connected(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Host-side: (sample index, bond index) of every bond whose spins differ."""
+        """Host-side: (sample index, bond index) of every bond whose spins differ (for tests and
+        exact diagonalization)."""
         mask = s[:, self.bonds[:, 0]] != s[:, self.bonds[:, 1]]
         return np.nonzero(mask)
 
+    def bucket(self, n: int, count: int) -> int:
+        """Padded number of connected pairs for a batch of n configurations with `count` of them:
+        sticky (never shrinks) with 10% headroom, rounded to 1/64 of the whole n x bonds range."""
+        grain = max(64, n * len(self.J) // 64)
+        size = self.buckets.get(n, 0)
+        if count > size:
+            size = min(-(-int(1.1 * count) // grain) * grain, n * len(self.J))
+            self.buckets[n] = size
+        return size
 
-def _bucket(k: int, granularity: int) -> int:
-    return max(granularity, -(-k // granularity) * granularity)
+
+@jax.jit
+def _count(s: jax.Array, bonds: jax.Array) -> jax.Array:
+    return jnp.sum(s[:, bonds[:, 0]] != s[:, bonds[:, 1]])
 
 
-@partial(jax.jit, static_argnames=("logpsi", "chunk"))
-def _offdiag(logpsi: LogPsi, params, s: jax.Array, logpsi_s: jax.Array, sample: jax.Array,
-             bond_i: jax.Array, bond_j: jax.Array, weight: jax.Array, chunk: int) -> jax.Array:
-    """sum over connected (sample, bond) pairs of weight * psi(s^b)/psi(s), per sample."""
-    rows = jnp.arange(sample.shape[0])
+@partial(jax.jit, static_argnames=("logpsi", "size", "chunk"))
+def _local(logpsi: LogPsi, params, s: jax.Array, logpsi_s: jax.Array, bonds: jax.Array,
+           J: jax.Array, off: jax.Array, size: int, chunk: int) -> jax.Array:
+    """Diagonal part plus sum over connected (sample, bond) pairs of off * psi(s^b)/psi(s)."""
+    n, nb = s.shape[0], bonds.shape[0]
+    si, sj = s[:, bonds[:, 0]], s[:, bonds[:, 1]]
+    mask = (si != sj).reshape(-1)
+    (flat,) = jnp.nonzero(mask, size=size, fill_value=0)
+    valid = jnp.arange(size) < mask.sum()
+    sample, bond = flat // nb, flat % nb
+    rows = jnp.arange(size)
     sp = s[sample]
-    sp = sp.at[rows, bond_i].multiply(-1).at[rows, bond_j].multiply(-1)
+    sp = sp.at[rows, bonds[bond, 0]].multiply(-1).at[rows, bonds[bond, 1]].multiply(-1)
     lp = apply_chunked(logpsi, params, sp, chunk)
     ratio = jnp.exp(lp - logpsi_s[sample])
-    contrib = jnp.where(weight != 0, weight * ratio, 0.0)
-    return jax.ops.segment_sum(contrib, sample, num_segments=s.shape[0])
+    contrib = jnp.where(valid, off[bond] * ratio, 0.0)
+    diag = (si.astype(jnp.float64) * sj.astype(jnp.float64)) @ J / 4
+    return diag + jax.ops.segment_sum(contrib, sample, num_segments=n)
 
 
 def apply_chunked(logpsi: LogPsi, params, s: jax.Array, chunk: int) -> jax.Array:
@@ -84,15 +106,7 @@ def apply_chunked(logpsi: LogPsi, params, s: jax.Array, chunk: int) -> jax.Array
 def local_energies(ham: Hamiltonian, logpsi: LogPsi, params, s: jax.Array,
                    logpsi_s: jax.Array, chunk: int = 0) -> jax.Array:
     """Complex local energies (total, not per site) of a batch of configurations s (C, N)."""
-    s_host = np.asarray(s)
-    sample, bond = ham.connected(s_host)
-    k = len(sample)
-    kb = _bucket(k, max(64, (s_host.shape[0] * len(ham.J)) // 16))
-    pad = kb - k
-    sample = np.concatenate([sample, np.zeros(pad, np.int64)]).astype(np.int32)
-    bond = np.concatenate([bond, np.zeros(pad, np.int64)])
-    weight = np.concatenate([ham.off[bond[:k]], np.zeros(pad)])
-    off = _offdiag(logpsi, params, s, logpsi_s, jnp.asarray(sample),
-                   jnp.asarray(ham.bonds[bond, 0]), jnp.asarray(ham.bonds[bond, 1]),
-                   jnp.asarray(weight), chunk)
-    return ham.diagonal(s) + off
+    bonds = jnp.asarray(ham.bonds)
+    size = ham.bucket(s.shape[0], int(_count(s, bonds)))
+    return _local(logpsi, params, s, logpsi_s, bonds, jnp.asarray(ham.J), jnp.asarray(ham.off),
+                  size, chunk)

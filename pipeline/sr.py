@@ -1,9 +1,11 @@
 """Stochastic reconfiguration for real parameters and complex log psi, distributed over ranks.
 
 With O_k = d log psi / d theta_k, centred dO = O - <O>, dE = E_loc - <E_loc> (means over all
-ranks' samples) and X = [Re dO; Im dO] (rows: samples, columns: parameters):
-  S = X^T X / N_tot,  F = X^T [Re dE; Im dE] / N_tot,  direction = (S + lambda I)^{-1} F.
-The update is theta <- theta - lr * direction (the optimizer applies lr).
+ranks' samples) and X the (2n x P) real matrix whose rows are Re dO of every sample, then Im dO
+(the Jacobian is built as (2, n, P), so it is X without a copy):
+  S = X^T X / N_tot,  F = X^T e / N_tot,  direction = (S + lambda I)^{-1} F,
+with e the matching rows Re dE, Im dE. The update is theta <- theta - lr * direction (the
+optimizer applies lr). Every formula is invariant under a common permutation of the rows.
 
 Momentum (SPRING, Goldshmidt et al. 2024) with coefficient mu and the previous direction phi:
   direction = (S + lambda I)^{-1} (F + mu lambda phi)
@@ -23,10 +25,15 @@ Solvers (all give the same direction up to round-off or the CG tolerance):
   dense   partial sums of S and F all-reduced, Cholesky (eigen-decomposition if not positive
           definite); P^2 memory and communication.
   cg      matrix-free conjugate gradient, one all-reduce of a P-vector per iteration.
-  kernel  minSR: the rows of X from every rank are all-gathered, each rank builds its block of
-          rows of X X^T, the blocks are all-gathered and the 2N_tot x 2N_tot system
-          (X X^T / N_tot + lambda I) y = e is solved; direction = X^T y / N_tot (summed from each
-          rank's rows). Best for P >> N_tot.
+  kernel  minSR, (X X^T / N_tot + lambda I) y = e - mu X phi, direction = X^T y / N_tot + mu phi.
+          On one rank X X^T is built from its upper block triangle. On K ranks X is never
+          gathered: an all-to-all re-shards it so that each rank holds all 2 N_tot rows of its
+          block of P/K columns, X^(r); each rank forms X^(r) X^(r)^T, the sum over ranks (an
+          all-reduce) is the kernel, every rank solves the small system, computes its block of the
+          direction X^(r)^T y, and an all-gather assembles it. X per rank: 2 N_tot P / K numbers.
+  kernel_gather  the same system with every rank's rows of X all-gathered onto every rank (2 N_tot
+          P numbers per rank whatever K); kept as the reference for the distributed form and
+          for the memory benchmark.
 """
 from __future__ import annotations
 
@@ -51,54 +58,92 @@ class SRInfo(NamedTuple):
     residual: jax.Array  # |(S + lambda) x - F| / |F|
 
 
-def choose_solver(solver: Solver | str, n_params: int, n_total: int) -> tuple[str, str]:
+def choose_solver(solver: Solver | str, n_params: int, n_total: int,
+                  n_ranks: int = 1) -> tuple[str, str]:
     """The concrete solver and why: 'auto' takes dense for small P, the kernel form when
     parameters outnumber the 2 N_tot rows of X (and its 2N_tot x 2N_tot system is small enough),
-    CG otherwise."""
+    CG otherwise. On K > 1 ranks the kernel form is distributed by parameter blocks."""
     if solver != Solver.auto:
         return str(solver), f"optimizer.solver={solver}"
     rows = 2 * n_total
     if n_params <= min(DENSE_MAX_PARAMS, rows):
         return "dense", f"auto: P={n_params} <= min({DENSE_MAX_PARAMS}, 2 N_tot={rows})"
     if n_params > rows and rows <= KERNEL_MAX_ROWS:
-        return "kernel", f"auto: P={n_params} > 2 N_tot={rows} <= {KERNEL_MAX_ROWS}"
+        where = (f", X split by parameter blocks over {n_ranks} ranks ({n_params // n_ranks} "
+                 "columns each)" if n_ranks > 1 else "")
+        return "kernel", f"auto: P={n_params} > 2 N_tot={rows} <= {KERNEL_MAX_ROWS}{where}"
     return "cg", f"auto: P={n_params}, 2 N_tot={rows}: neither dense nor kernel fits"
 
 
-def bytes_per_step(solver: str, n_params: int, n_total: int, cg_iterations: int = 0) -> int:
+def bytes_per_step(solver: str, n_params: int, n_total: int, cg_iterations: int = 0,
+                   n_ranks: int = 2) -> int:
     """Bytes each rank receives from collectives for one SR solve (float64), for the logs."""
-    means = 8 * (2 * n_params + 2 + 2 * n_params)  # <O>, <E_loc>, F and the residual check
-    body = {"dense": n_params * n_params + n_params,
-            "cg": n_params * (1 + cg_iterations),
-            "kernel": 2 * n_total * (n_params + 1 + 2 * n_total) + n_params}[solver]
-    return means + 8 * body
+    P, m, K = n_params, 2 * n_total, n_ranks
+    body = {"dense": 2 * P + P * P + P,  # <O>, F, S, residual
+            "cg": 2 * P + P * (1 + cg_iterations),
+            "kernel": 2 * P + m * P * (K - 1) // (K * K) + m * m + 3 * m + 2 * P,
+            "kernel_gather": 2 * P + m * (P + 1 + m) + 2 * P}[solver]
+    return 8 * body
 
 
-def log_derivatives(logpsi: Callable, params, s: jax.Array, chunk: int = 0) -> jax.Array:
-    """(n, P) complex O_k(s) = d log psi(s) / d theta_k, parameters flattened by ravel_pytree."""
+def _divisor_at_most(n: int, k: int) -> int:
+    return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
+
+
+def _jacobian_of_chunk(logpsi: Callable, params) -> tuple[jax.Array, Callable]:
+    """(flat parameters, f) with f(flat, s) -> (2, c, P): d Re log psi and d Im log psi of a
+    chunk of c samples (the rows of X of that chunk: no copy is needed to stack them)."""
     flat, unravel = ravel_pytree(params)
 
     def re_im(p, x):
         lp = logpsi(unravel(p), x[None])[0]
         return jnp.stack([lp.real, lp.imag])
 
-    jac = jax.jacrev(re_im)
-    if chunk > 0 and s.shape[0] > chunk:
-        J = jax.lax.map(lambda x: jac(flat, x), s, batch_size=chunk)
-    else:
-        J = jax.vmap(jac, in_axes=(None, 0))(flat, s)
-    return J[:, 0] + 1j * J[:, 1]
+    return flat, jax.vmap(jax.jacrev(re_im), in_axes=(None, 0), out_axes=1)
+
+
+def jacobian(logpsi: Callable, params, s: jax.Array, chunk: int = 0) -> jax.Array:
+    """(2, n, P) real: d Re log psi / d theta and d Im log psi / d theta of each sample,
+    parameters flattened by ravel_pytree. Built `chunk` samples at a time (the largest divisor of
+    n not above it; 0: all at once) into one buffer, so the activations of only one chunk are
+    alive and the rows are never copied."""
+    flat, jac = _jacobian_of_chunk(logpsi, params)
+    n = s.shape[0]
+    c = _divisor_at_most(n, chunk if chunk > 0 else n)
+    if c == n:
+        return jac(flat, s)
+
+    def body(i, buf):
+        return jax.lax.dynamic_update_slice(
+            buf, jac(flat, jax.lax.dynamic_slice_in_dim(s, i * c, c)), (0, i * c, 0))
+
+    return jax.lax.fori_loop(0, n // c, body, jnp.zeros((2, n, flat.size), flat.dtype))
+
+
+def log_derivatives(logpsi: Callable, params, s: jax.Array, chunk: int = 0) -> jax.Array:
+    """(n, P) complex O_k(s) = d log psi(s) / d theta_k."""
+    J = jacobian(logpsi, params, s, chunk)
+    return J[0] + 1j * J[1]
+
+
+def _rows(eloc: jax.Array, n_total: int, phase_scale: jax.Array | float) -> jax.Array:
+    """e: the rows Re dE of all samples, then kappa Im dE, matching X."""
+    dE = eloc - dist.allreduce_sum(eloc.sum()) / n_total
+    return jnp.concatenate([dE.real, phase_scale * dE.imag])
+
+
+def centred_jacobian(J: jax.Array, n_total: int) -> jax.Array:
+    """X (2n x P) from the Jacobian (2, n, P): centred over all ranks' samples; the reshape is
+    free and the subtraction may reuse J's buffer (no second copy of X is kept)."""
+    mean = dist.allreduce_sum(J.sum(1, keepdims=True)) / n_total
+    return (J - mean).reshape(-1, J.shape[-1])
 
 
 def centred_rows(O: jax.Array, eloc: jax.Array, n_total: int,
                  phase_scale: jax.Array | float) -> tuple[jax.Array, jax.Array]:
-    """X = [Re dO; Im dO] and e = [Re dE; kappa Im dE] with means over all ranks (kappa: the
-    phase time step relative to the amplitude one; 1 for plain SR)."""
-    mean_O = dist.allreduce_sum(O.sum(0)) / n_total
-    mean_E = dist.allreduce_sum(eloc.sum()) / n_total
-    dO, dE = O - mean_O, eloc - mean_E
-    return (jnp.concatenate([dO.real, dO.imag]),
-            jnp.concatenate([dE.real, phase_scale * dE.imag]))
+    """X and e from complex log-derivatives O (n, P) (kappa: the phase time step relative to the
+    amplitude one; 1 for plain SR)."""
+    return centred_jacobian(jnp.stack([O.real, O.imag]), n_total), _rows(eloc, n_total, phase_scale)
 
 
 def _spd_solve(A: jax.Array, b: jax.Array) -> jax.Array:
@@ -163,10 +208,11 @@ def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solve
         def matvec(v):
             return dist.allreduce_sum(X.T @ (X @ v)) / n_total + diag_shift * v
         x, iters = _cg(matvec, rhs, cg_tol, cg_maxiter)
-    elif solver == "kernel":
-        # Each rank builds its own block of rows of T = X X^T against the gathered X (the build is
-        # split over ranks; one rank uses the symmetry instead), the blocks are gathered, every
-        # rank solves the same system, and the direction X^T y is summed from the ranks' own rows.
+    elif solver in ("kernel", "kernel_gather"):
+        # One rank: the symmetric Gram build. kernel_gather on K ranks: each rank builds its own
+        # block of rows of T = X X^T against the gathered X, the blocks are gathered, every rank
+        # solves the same system, and X^T y is summed from the ranks' own rows. (`kernel` on K
+        # ranks does not come here: see `direction`.)
         m = X.shape[0]
         if dist.size() == 1:
             T = gram(X) / n_total
@@ -181,8 +227,59 @@ def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solve
         raise ValueError(f"not a concrete solver: {solver!r}")
     # Residual of the regularized normal equations, as a check on the solve (one more matvec).
     r = dist.allreduce_sum(X.T @ (X @ x)) / n_total + diag_shift * x - rhs
-    res = jnp.linalg.norm(r) / jnp.maximum(jnp.linalg.norm(rhs), 1e-300)
-    return x, SRInfo(iters, res)
+    return x, SRInfo(iters, _relative(jnp.sum(r * r), jnp.sum(rhs * rhs)))
+
+
+def _relative(r2: jax.Array, b2: jax.Array) -> jax.Array:
+    return jnp.sqrt(r2) / jnp.maximum(jnp.sqrt(b2), 1e-300)
+
+
+def columns_by_rank(logpsi: Callable, params, s: jax.Array, n_total: int, chunk: int) -> jax.Array:
+    """This rank's block of columns of the centred X, with the rows of *all* ranks' samples:
+    (K * 2 * n_local, ceil(P / K)), rows ordered (rank, Re/Im, sample), columns zero-padded at
+    the end.
+
+    The Jacobian is built `chunk` samples at a time and each chunk's rows are sent to the ranks
+    that own their columns at once (an all-to-all per chunk), so this rank never holds all P
+    columns of its own rows: the peak for X is its block (2 N_tot P / K numbers) plus one chunk.
+    Centring is local: every rank has all samples of its columns."""
+    K = dist.size()
+    flat, jac = _jacobian_of_chunk(logpsi, params)
+    P, n = flat.size, s.shape[0]
+    Pb = -(-P // K)
+    c = _divisor_at_most(n, chunk if chunk > 0 else n)
+
+    def body(i, buf):
+        J = jac(flat, jax.lax.dynamic_slice_in_dim(s, i * c, c))  # (2, c, P)
+        J = jnp.pad(J, ((0, 0), (0, 0), (0, K * Pb - P))).reshape(2, c, K, Pb)
+        got = dist.alltoall(J.transpose(2, 0, 1, 3))  # (K, 2, c, Pb): every rank's chunk i
+        return jax.lax.dynamic_update_slice(buf, got, (0, 0, i * c, 0))
+
+    buf = jax.lax.fori_loop(0, n // c, body, jnp.zeros((K, 2, n, Pb), flat.dtype))
+    buf = buf - buf.sum(axis=(0, 2), keepdims=True) / n_total  # Re and Im rows centred apart
+    return buf.reshape(K * 2 * n, Pb)
+
+
+def kernel_by_parameter_blocks(Xr: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array,
+                               previous: jax.Array, momentum: jax.Array | float
+                               ) -> tuple[jax.Array, SRInfo]:
+    """Kernel SR on K ranks from this rank's column block Xr (`columns_by_rank`) and its own rows
+    e; every rank returns the same full direction."""
+    K, r = dist.size(), dist.rank()
+    Pb, P = Xr.shape[1], previous.size
+    phi = jax.lax.dynamic_slice_in_dim(jnp.pad(previous, (0, K * Pb - P)), r * Pb, Pb)
+    e_all = dist.allgather(e).reshape(-1)  # the same row order as Xr
+    zeta = e_all - momentum * dist.allreduce_sum(Xr @ phi)
+    T = dist.allreduce_sum(gram(Xr)) / n_total
+    y = _spd_solve(T + diag_shift * jnp.eye(T.shape[0]), zeta)
+    x_r = Xr.T @ y / n_total + momentum * phi
+    x = dist.allgather(x_r).reshape(-1)[:P]
+    # Residual of the regularized normal equations, blockwise (padding columns are zero).
+    rhs_r = Xr.T @ e_all / n_total + momentum * diag_shift * phi
+    res_r = Xr.T @ dist.allreduce_sum(Xr @ x_r) / n_total + diag_shift * x_r - rhs_r
+    return x, SRInfo(jnp.zeros((), jnp.int32),
+                     _relative(dist.allreduce_sum(jnp.sum(res_r * res_r)),
+                               dist.allreduce_sum(jnp.sum(rhs_r * rhs_r))))
 
 
 @partial(jax.jit, static_argnames=("logpsi", "n_total", "solver", "chunk", "cg_maxiter"))
@@ -191,10 +288,14 @@ def direction(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: 
               cg_tol: float, cg_maxiter: int, previous, momentum: jax.Array | float):
     """The SR direction as a parameter pytree (`previous`: the last one, for momentum), with
     solve diagnostics."""
-    O = log_derivatives(logpsi, params, s, chunk)
-    X, e = centred_rows(O, eloc, n_total, phase_scale)
-    x, info = solve(X, e, n_total, diag_shift, solver, cg_tol, cg_maxiter,
-                    ravel_pytree(previous)[0], momentum)
+    e = _rows(eloc, n_total, phase_scale)
+    phi = ravel_pytree(previous)[0]
+    if solver == "kernel" and dist.size() > 1:
+        Xr = columns_by_rank(logpsi, params, s, n_total, chunk)
+        x, info = kernel_by_parameter_blocks(Xr, e, n_total, diag_shift, phi, momentum)
+    else:
+        X = centred_jacobian(jacobian(logpsi, params, s, chunk), n_total)
+        x, info = solve(X, e, n_total, diag_shift, solver, cg_tol, cg_maxiter, phi, momentum)
     return ravel_pytree(params)[1](x), info
 
 
@@ -218,7 +319,7 @@ class Preconditioner:
     def __init__(self, o: OptimizerConfig, n_iter: int, n_params: int, n_total: int,
                  chunk: int = 0) -> None:
         self.config, self.n_total, self.chunk = o, n_total, chunk
-        self.solver, self.reason = choose_solver(o.solver, n_params, n_total)
+        self.solver, self.reason = choose_solver(o.solver, n_params, n_total, dist.size())
         self.lr = optax.warmup_cosine_decay_schedule(o.lr / 10, o.lr, o.warmup,
                                                      max(n_iter, o.warmup + 1), o.lr_final)
         self.diag_shift = geometric_schedule(o.diag_shift, o.diag_shift_final, n_iter)
@@ -244,5 +345,5 @@ class Preconditioner:
         return params, SRState(optax_state, d), {
             "lr": float(self.lr(step)) * lr_scale, "diag_shift": shift, "phase_scale": kappa,
             "cg_iterations": cg_iters, "sr_residual": float(info.residual),
-            "bytes_comm": bytes_per_step(self.solver, self.n_params, self.n_total, cg_iters)
-            if dist.size() > 1 else 0}
+            "bytes_comm": bytes_per_step(self.solver, self.n_params, self.n_total, cg_iters,
+                                         dist.size()) if dist.size() > 1 else 0}

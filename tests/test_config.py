@@ -71,7 +71,7 @@ def _compose(*overrides: str):
 
 @pytest.mark.parametrize("group,options", [
     ("model", ["vit_factored", "vit_standard"]), ("lattice", ["square", "shastry_sutherland"]),
-    ("launcher", ["local", "slurm"]), ("experiment", ["bench_4x4", "paper_4x4", "paper_6x6", "size_sweep"])])
+    ("launcher", ["local", "slurm"]), ("experiment", ["bench_4x4", "paper_4x4", "paper_6x6", "paper_8x8", "paper_10x10", "size_sweep"])])
 def test_every_config_composes_and_validates(group: str, options: list[str]) -> None:
     on_disk = sorted(f[:-5] for f in os.listdir(os.path.join(conf_dir(), group)) if f.endswith(".yaml"))
     assert on_disk == sorted(options)
@@ -122,3 +122,22 @@ def test_model_name_follows_the_attention_kind() -> None:
     assert validate(_compose("model.attention=standard")).model.name == "vit_standard"
     assert validate(_compose("model=vit_standard")).model.name == "vit_standard"
     assert validate(_compose()).model.name == "vit_factored"
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment,params", [("paper_8x8", 432_456), ("paper_10x10", 433_320)])
+def test_paper_experiments_run_two_steps_on_two_ranks(tmp_path, experiment: str, params: int) -> None:
+    """The published model size, validated and run for 2 steps with few samples on 2 real ranks
+    (kernel SR distributed by parameter blocks)."""
+    from conftest import mpirun
+
+    out = run_cli(f"+experiment={experiment}", "run.n_iter=2", "sampler.n_samples=64",
+                  "sampler.n_chains=32", "sampler.n_samples_final=64", "sampler.n_thermalize=1",
+                  "model.chunk_size=16", f"hydra.run.dir={tmp_path}/run", launcher=mpirun(2),
+                  timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    n = int(out.stdout.split(" parameters")[0].split()[-1])
+    assert n == params
+    assert "SR solver kernel" in out.stdout and "rank 1/2" in out.stdout
+    assert "final: L=" in out.stdout

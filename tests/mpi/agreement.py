@@ -20,6 +20,7 @@ def main(out: str, solver: str, n_steps: int) -> None:
     c = Config()
     c.model.d, c.model.heads = 8, 2
     c.sampler.n_samples, c.sampler.n_chains, c.sampler.n_thermalize = 192, 96, 4  # 96: 1, 2, 3 ranks
+    c.sampler.n_samples_final = 192
     c.optimizer.solver, c.optimizer.warmup = solver, 0
     c.model.chunk_size = 32  # the Jacobian (and the re-sharding of X) in chunks
     c.optimizer.momentum = 0.9  # the SPRING terms are distributed too (rows of X phi_prev)
