@@ -51,6 +51,7 @@ from .config import OptimizerConfig, Solver
 DENSE_MAX_PARAMS = 4096
 KERNEL_MAX_ROWS = 8192
 GRAM_BLOCKS = 4  # row blocks of X for the kernel X X^T: 10 of 16 block products are computed
+GRAM_BLOCKS_MAX_BYTES = 2 ** 30  # above this size of X the block copies cost more than they save
 
 
 class SRInfo(NamedTuple):
@@ -102,22 +103,33 @@ def _jacobian_of_chunk(logpsi: Callable, params) -> tuple[jax.Array, Callable]:
     return flat, jax.vmap(jax.jacrev(re_im), in_axes=(None, 0), out_axes=1)
 
 
+def _jacobian_and_sum(logpsi: Callable, params, s: jax.Array, chunk: int
+                      ) -> tuple[jax.Array, jax.Array]:
+    """The Jacobian (2, n, P) (see `jacobian`) and its sum over this rank's samples (2, 1, P),
+    accumulated inside the loop that builds it: read afterwards, XLA would copy the buffer."""
+    flat, jac = _jacobian_of_chunk(logpsi, params)
+    n = s.shape[0]
+    c = _divisor_at_most(n, chunk if chunk > 0 else n)
+    if c == n:
+        J = jac(flat, s)
+        return J, J.sum(1, keepdims=True)
+
+    def body(i, carry):
+        buf, total = carry
+        J = jac(flat, jax.lax.dynamic_slice_in_dim(s, i * c, c))
+        return (jax.lax.dynamic_update_slice(buf, J, (0, i * c, 0)),
+                total + J.sum(1, keepdims=True))
+
+    zero = jnp.zeros((2, n, flat.size), flat.dtype)
+    return jax.lax.fori_loop(0, n // c, body, (zero, jnp.zeros((2, 1, flat.size), flat.dtype)))
+
+
 def jacobian(logpsi: Callable, params, s: jax.Array, chunk: int = 0) -> jax.Array:
     """(2, n, P) real: d Re log psi / d theta and d Im log psi / d theta of each sample,
     parameters flattened by ravel_pytree. Built `chunk` samples at a time (the largest divisor of
     n not above it; 0: all at once) into one buffer, so the activations of only one chunk are
     alive and the rows are never copied."""
-    flat, jac = _jacobian_of_chunk(logpsi, params)
-    n = s.shape[0]
-    c = _divisor_at_most(n, chunk if chunk > 0 else n)
-    if c == n:
-        return jac(flat, s)
-
-    def body(i, buf):
-        return jax.lax.dynamic_update_slice(
-            buf, jac(flat, jax.lax.dynamic_slice_in_dim(s, i * c, c)), (0, i * c, 0))
-
-    return jax.lax.fori_loop(0, n // c, body, jnp.zeros((2, n, flat.size), flat.dtype))
+    return _jacobian_and_sum(logpsi, params, s, chunk)[0]
 
 
 def log_derivatives(logpsi: Callable, params, s: jax.Array, chunk: int = 0) -> jax.Array:
@@ -132,18 +144,31 @@ def _rows(eloc: jax.Array, n_total: int, phase_scale: jax.Array | float) -> jax.
     return jnp.concatenate([dE.real, phase_scale * dE.imag])
 
 
-def centred_jacobian(J: jax.Array, n_total: int) -> jax.Array:
-    """X (2n x P) from the Jacobian (2, n, P): centred over all ranks' samples; the reshape is
-    free and the subtraction may reuse J's buffer (no second copy of X is kept)."""
-    mean = dist.allreduce_sum(J.sum(1, keepdims=True)) / n_total
-    return (J - mean).reshape(-1, J.shape[-1])
+def _subtract_in_place(buf: jax.Array, mean: jax.Array, axis: int, chunk: int) -> jax.Array:
+    """buf - mean, `chunk` rows along `axis` at a time inside a loop: XLA then updates the
+    buffer in place instead of allocating a second one of the size of X."""
+    c = _divisor_at_most(buf.shape[axis], chunk if chunk > 0 else buf.shape[axis])
+
+    def body(i, b):
+        block = jax.lax.dynamic_slice_in_dim(b, i * c, c, axis)
+        return jax.lax.dynamic_update_slice_in_dim(b, block - mean, i * c, axis)
+
+    return jax.lax.fori_loop(0, buf.shape[axis] // c, body, buf)
+
+
+def centred_jacobian(J: jax.Array, total: jax.Array, n_total: int, chunk: int = 0) -> jax.Array:
+    """X (2n x P) from the Jacobian (2, n, P) and its sum over this rank's samples: centred over
+    all ranks' samples, in place, and reshaped for free (no second copy of X)."""
+    mean = dist.allreduce_sum(total) / n_total
+    return _subtract_in_place(J, mean, 1, chunk).reshape(-1, J.shape[-1])
 
 
 def centred_rows(O: jax.Array, eloc: jax.Array, n_total: int,
                  phase_scale: jax.Array | float) -> tuple[jax.Array, jax.Array]:
     """X and e from complex log-derivatives O (n, P) (kappa: the phase time step relative to the
     amplitude one; 1 for plain SR)."""
-    return centred_jacobian(jnp.stack([O.real, O.imag]), n_total), _rows(eloc, n_total, phase_scale)
+    J = jnp.stack([O.real, O.imag])
+    return centred_jacobian(J, J.sum(1, keepdims=True), n_total), _rows(eloc, n_total, phase_scale)
 
 
 def _spd_solve(A: jax.Array, b: jax.Array) -> jax.Array:
@@ -185,7 +210,11 @@ def _cg(matvec: Callable, b: jax.Array, tol: float, maxiter: int) -> tuple[jax.A
 
 def gram(X: jax.Array, blocks: int = GRAM_BLOCKS) -> jax.Array:
     """X X^T from the blocks on and above the diagonal, the rest mirrored: XLA's matmul does not
-    use the symmetry, so this does (k + 1) / 2k of the work (k row blocks; the last may be short)."""
+    use the symmetry, so this does (k + 1) / 2k of the work (k row blocks; the last may be short).
+    The row blocks are copies of X, so beyond GRAM_BLOCKS_MAX_BYTES the plain product is taken
+    (twice the work, no copy)."""
+    if X.size * X.dtype.itemsize > GRAM_BLOCKS_MAX_BYTES:
+        return X @ X.T
     edges = [round(i * X.shape[0] / blocks) for i in range(blocks + 1)]
     B = [X[a:b] for a, b in zip(edges[:-1], edges[1:])]
     upper = {(i, j): B[i] @ B[j].T for i in range(blocks) for j in range(i, blocks)}
@@ -197,8 +226,9 @@ def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solve
           cg_tol: float, cg_maxiter: int, previous: jax.Array,
           momentum: jax.Array | float) -> tuple[jax.Array, SRInfo]:
     """The SR direction (S + lambda I)^{-1} (F + mu lambda phi) from this rank's rows X, e and
-    the previous direction phi (see module doc; mu = 0 is plain SR)."""
-    F = dist.allreduce_sum(X.T @ e) / n_total
+    the previous direction phi (see module doc; mu = 0 is plain SR). Products with X^T are
+    written v @ X: XLA would materialize X.T for X.T @ v."""
+    F = dist.allreduce_sum(e @ X) / n_total
     rhs = F + momentum * diag_shift * previous
     iters = jnp.zeros((), jnp.int32)
     if solver == "dense":
@@ -206,7 +236,7 @@ def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solve
         x = _spd_solve(S + diag_shift * jnp.eye(S.shape[0]), rhs)
     elif solver == "cg":
         def matvec(v):
-            return dist.allreduce_sum(X.T @ (X @ v)) / n_total + diag_shift * v
+            return dist.allreduce_sum((X @ v) @ X) / n_total + diag_shift * v
         x, iters = _cg(matvec, rhs, cg_tol, cg_maxiter)
     elif solver in ("kernel", "kernel_gather"):
         # One rank: the symmetric Gram build. kernel_gather on K ranks: each rank builds its own
@@ -222,11 +252,11 @@ def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solve
         zeta = dist.allgather(e - momentum * (X @ previous)).reshape(-1)
         y = _spd_solve(T + diag_shift * jnp.eye(T.shape[0]), zeta)
         mine = jax.lax.dynamic_slice_in_dim(y, dist.rank() * m, m)
-        x = dist.allreduce_sum(X.T @ mine) / n_total + momentum * previous
+        x = dist.allreduce_sum(mine @ X) / n_total + momentum * previous
     else:
         raise ValueError(f"not a concrete solver: {solver!r}")
     # Residual of the regularized normal equations, as a check on the solve (one more matvec).
-    r = dist.allreduce_sum(X.T @ (X @ x)) / n_total + diag_shift * x - rhs
+    r = dist.allreduce_sum((X @ x) @ X) / n_total + diag_shift * x - rhs
     return x, SRInfo(iters, _relative(jnp.sum(r * r), jnp.sum(rhs * rhs)))
 
 
@@ -249,15 +279,18 @@ def columns_by_rank(logpsi: Callable, params, s: jax.Array, n_total: int, chunk:
     Pb = -(-P // K)
     c = _divisor_at_most(n, chunk if chunk > 0 else n)
 
-    def body(i, buf):
+    def body(i, carry):
+        buf, total = carry
         J = jac(flat, jax.lax.dynamic_slice_in_dim(s, i * c, c))  # (2, c, P)
         J = jnp.pad(J, ((0, 0), (0, 0), (0, K * Pb - P))).reshape(2, c, K, Pb)
         got = dist.alltoall(J.transpose(2, 0, 1, 3))  # (K, 2, c, Pb): every rank's chunk i
-        return jax.lax.dynamic_update_slice(buf, got, (0, 0, i * c, 0))
+        return (jax.lax.dynamic_update_slice(buf, got, (0, 0, i * c, 0)),
+                total + got.sum(axis=(0, 2), keepdims=True))
 
-    buf = jax.lax.fori_loop(0, n // c, body, jnp.zeros((K, 2, n, Pb), flat.dtype))
-    buf = buf - buf.sum(axis=(0, 2), keepdims=True) / n_total  # Re and Im rows centred apart
-    return buf.reshape(K * 2 * n, Pb)
+    buf, total = jax.lax.fori_loop(0, n // c, body, (jnp.zeros((K, 2, n, Pb), flat.dtype),
+                                                     jnp.zeros((1, 2, 1, Pb), flat.dtype)))
+    # Re and Im rows centred apart, over all ranks' samples (every rank has all of its columns).
+    return _subtract_in_place(buf, total / n_total, 2, c).reshape(K * 2 * n, Pb)
 
 
 def kernel_by_parameter_blocks(Xr: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array,
@@ -272,11 +305,11 @@ def kernel_by_parameter_blocks(Xr: jax.Array, e: jax.Array, n_total: int, diag_s
     zeta = e_all - momentum * dist.allreduce_sum(Xr @ phi)
     T = dist.allreduce_sum(gram(Xr)) / n_total
     y = _spd_solve(T + diag_shift * jnp.eye(T.shape[0]), zeta)
-    x_r = Xr.T @ y / n_total + momentum * phi
+    x_r = y @ Xr / n_total + momentum * phi
     x = dist.allgather(x_r).reshape(-1)[:P]
     # Residual of the regularized normal equations, blockwise (padding columns are zero).
-    rhs_r = Xr.T @ e_all / n_total + momentum * diag_shift * phi
-    res_r = Xr.T @ dist.allreduce_sum(Xr @ x_r) / n_total + diag_shift * x_r - rhs_r
+    rhs_r = e_all @ Xr / n_total + momentum * diag_shift * phi
+    res_r = dist.allreduce_sum(Xr @ x_r) @ Xr / n_total + diag_shift * x_r - rhs_r
     return x, SRInfo(jnp.zeros((), jnp.int32),
                      _relative(dist.allreduce_sum(jnp.sum(res_r * res_r)),
                                dist.allreduce_sum(jnp.sum(rhs_r * rhs_r))))
@@ -294,7 +327,7 @@ def direction(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: 
         Xr = columns_by_rank(logpsi, params, s, n_total, chunk)
         x, info = kernel_by_parameter_blocks(Xr, e, n_total, diag_shift, phi, momentum)
     else:
-        X = centred_jacobian(jacobian(logpsi, params, s, chunk), n_total)
+        X = centred_jacobian(*_jacobian_and_sum(logpsi, params, s, chunk), n_total, chunk)
         x, info = solve(X, e, n_total, diag_shift, solver, cg_tol, cg_maxiter, phi, momentum)
     return ravel_pytree(params)[1](x), info
 

@@ -27,22 +27,23 @@ import time
 SIZES = {"1e4": (32, 4, 1), "1e5": (64, 8, 2), "4e5": (72, 12, 8)}
 LATTICE = 6
 PATHS = {"gather": "kernel_gather", "blocks": "kernel"}
-BASE_BYTES = 0.45e9  # JAX runtime, compiled code and the model, measured on one rank here
+BASE_BYTES = 0.8e9  # Python, JAX runtime, MPI and compiled code: RSS of the smallest runs here
 
 
 def model_bytes(P: int, n_total: int, K: int, path: str, chunk: int) -> dict[str, float]:
     """Bytes per rank (float64) that the kernel solve holds at its peak, by term:
-    X: 'blocks' holds its column block of all rows, 2 N_tot ceil(P/K); 'gather' holds its own rows
-    and all gathered rows, 2 N_tot P (1 + 1/K) on K > 1 ranks, 2 N_tot P on one;
-    chunk: the Jacobian rows of one chunk and their re-sharded copy, 2 x 2 chunk P;
-    kernel: T, T + lambda I and its Cholesky factor, 3 (2 N_tot)^2."""
+    X: 'blocks' holds its column block of all rows, 2 N_tot ceil(P/K) (one rank: all of X, built
+    and centred in place); 'gather' holds its own rows, all gathered rows and their transpose (XLA
+    materializes it for X Xg^T), 2 N_tot P (2 + 1/K) on K > 1 ranks;
+    chunk: the Jacobian rows of one chunk with their activations and re-sharded copy, 4 x chunk P;
+    kernel: T, T + lambda I and its Cholesky factor, 3 (2 N_tot)^2; plus BASE_BYTES."""
     m = 2 * n_total
     if K == 1:
         x = m * P
     elif path == "blocks":
         x = m * -(-P // K)
     else:
-        x = m * P * (1 + 1 / K)
+        x = m * P * (2 + 1 / K)
     terms = {"X": 8.0 * x, "chunk": 8.0 * 4 * chunk * P, "kernel": 8.0 * 3 * m * m}
     return terms | {"total": sum(terms.values()) + BASE_BYTES}
 
@@ -89,7 +90,7 @@ def one(size: str, n_total: int, path: str, chunk: int) -> None:
     jac = jax.jit(lambda p, x: sr.jacobian(system.logpsi, p, x, chunk))
     jax.block_until_ready(jac(params, s))
     times, t_jac = [], []
-    for _ in range(2):
+    for _ in range(2 if P < 200_000 else 1):  # the largest runs take minutes per step here
         dist.barrier()
         t = time.perf_counter()
         jax.block_until_ready(sr.direction(*args))
@@ -103,6 +104,7 @@ def one(size: str, n_total: int, path: str, chunk: int) -> None:
     if dist.is_root():
         m = 2 * n_total
         x_bytes = 8 * (m * -(-P // K) if (path == "blocks" or K == 1) else m * P * (1 + 1 / K))
+        # (X itself: the gathered rows and this rank's own; the transpose copy counts in the model)
         print(json.dumps({"size": size, "P": P, "n_total": n_total, "K": K, "path": path,
                           "chunk": chunk, "x_bytes": x_bytes,
                           "rss_max": max(r["rss"] for r in rows), "xla_peak": max(r["xla"] for r in rows),
