@@ -8,10 +8,14 @@ build and solve, update) on random Sz = 0 configurations of the 6x6 lattice with
 energies: the 10x10 model's X has the same size for the same P and N_tot (the lattice changes only
 the activations of one chunk). A run the model predicts not to fit in this machine's memory is
 skipped and said so (two ranks share one machine here; on a cluster each has its own GPU).
+Every rank runs under an address-space limit of --rank-limit-gb (default 12 GiB: a GPU-sized
+budget per rank, two of which fit in this machine together), so a run that needs more than one
+GPU's memory fails as it would on a GPU ("does not fit") and the same problem on 2 ranks can fit.
 
 usage: python scripts/bench_memory.py [--sizes 1e4,1e5,4e5] [--samples 1024,2048] [--chunk 64]
-                                      [--budget-gb 22] [--json FILE]
-       mpirun -n K python scripts/bench_memory.py --one SIZE N_TOT PATH CHUNK   (one run, a JSON line)
+                                      [--budget-gb 22] [--rank-limit-gb 12] [--json FILE]
+       mpirun -n K python scripts/bench_memory.py --one SIZE N_TOT PATH CHUNK LIMIT_GB  (one run)
+       python scripts/bench_memory.py --report FILE.json [CHUNK]   (a saved run against the model)
 """
 from __future__ import annotations
 
@@ -33,17 +37,21 @@ BASE_BYTES = 0.8e9  # Python, JAX runtime, MPI and compiled code: RSS of the sma
 def model_bytes(P: int, n_total: int, K: int, path: str, chunk: int) -> dict[str, float]:
     """Bytes per rank (float64) that the kernel solve holds at its peak, by term:
     X: 'blocks' holds its column block of all rows, 2 N_tot ceil(P/K) (one rank: all of X, built
-    and centred in place); 'gather' holds its own rows, all gathered rows and their transpose (XLA
-    materializes it for X Xg^T), 2 N_tot P (2 + 1/K) on K > 1 ranks;
+    and centred in place); 'gather' holds its own rows and all gathered rows, 2 N_tot P (1 + 1/K)
+    on K > 1 ranks; where that block is at most sr.GRAM_BLOCKS_MAX_BYTES, the symmetric Gram build
+    copies it once more (its row blocks);
     chunk: the Jacobian rows of one chunk with their activations and re-sharded copy, 4 x chunk P;
     kernel: T, T + lambda I and its Cholesky factor, 3 (2 N_tot)^2; plus BASE_BYTES."""
+    from pipeline.sr import GRAM_BLOCKS_MAX_BYTES
+
     m = 2 * n_total
     if K == 1:
-        x = m * P
+        x = gram = m * P
     elif path == "blocks":
-        x = m * -(-P // K)
+        x = gram = m * -(-P // K)
     else:
-        x = m * P * (2 + 1 / K)
+        x, gram = m * P * (1 + 1 / K), m * P / K  # the gather path builds row blocks, no Gram
+    x += gram if 8 * gram <= GRAM_BLOCKS_MAX_BYTES and (K == 1 or path == "blocks") else 0
     terms = {"X": 8.0 * x, "chunk": 8.0 * 4 * chunk * P, "kernel": 8.0 * 3 * m * m}
     return terms | {"total": sum(terms.values()) + BASE_BYTES}
 
@@ -59,8 +67,11 @@ def _config(size: str, n_total: int, solver: str, chunk: int):
                              f"optimizer.solver={solver}", "optimizer.momentum=0.9"]), dist.size())
 
 
-def one(size: str, n_total: int, path: str, chunk: int) -> None:
-    """One run on however many ranks this was launched with; rank 0 prints a JSON line."""
+def one(size: str, n_total: int, path: str, chunk: int, limit_gb: float) -> None:
+    """One run on however many ranks this was launched with, each under an address-space limit
+    of limit_gb GiB; rank 0 prints a JSON line."""
+    limit = int(limit_gb * 2 ** 30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -104,7 +115,6 @@ def one(size: str, n_total: int, path: str, chunk: int) -> None:
     if dist.is_root():
         m = 2 * n_total
         x_bytes = 8 * (m * -(-P // K) if (path == "blocks" or K == 1) else m * P * (1 + 1 / K))
-        # (X itself: the gathered rows and this rank's own; the transpose copy counts in the model)
         print(json.dumps({"size": size, "P": P, "n_total": n_total, "K": K, "path": path,
                           "chunk": chunk, "x_bytes": x_bytes,
                           "rss_max": max(r["rss"] for r in rows), "xla_peak": max(r["xla"] for r in rows),
@@ -127,6 +137,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--budget-gb", type=float, default=22.0,
                     help="memory all ranks together may use on this machine")
+    ap.add_argument("--rank-limit-gb", type=float, default=12.0,
+                    help="address-space limit of each rank (a GPU's memory)")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
     here = os.path.dirname(os.path.abspath(__file__))
@@ -134,7 +146,8 @@ def main() -> None:
     mpirun = os.path.join(os.path.dirname(python), "mpirun")
     rows, notes = [], []
     print(f"machine: {os.cpu_count()} cores, budget {args.budget_gb:g} GB for all ranks together; "
-          f"lattice {LATTICE}x{LATTICE}, chunk {args.chunk}", flush=True)
+          f"{args.rank_limit_gb:g} GiB per rank; lattice {LATTICE}x{LATTICE}, chunk {args.chunk}",
+          flush=True)
     for size in args.sizes.split(","):
         P = _params(size)
         for n_total in map(int, args.samples.split(",")):
@@ -148,11 +161,15 @@ def main() -> None:
                     continue
                 cmd = ([mpirun, "-n", str(K)] if K > 1 else []) + [
                     python, os.path.join(here, "bench_memory.py"), "--one", size, str(n_total),
-                    path, str(args.chunk)]
+                    path, str(args.chunk), str(args.rank_limit_gb)]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
                 if out.returncode or not line:
-                    notes.append(f"{label}: failed ({out.stderr.strip().splitlines()[-1:]})")
+                    last = (out.stderr.strip().splitlines() or ["?"])[-1][:160]
+                    fits = need <= args.rank_limit_gb * 2 ** 30
+                    notes.append(f"{label}: " + (f"failed: {last}" if fits else
+                                 f"does not fit in {args.rank_limit_gb:g} GiB per rank (model "
+                                 f"{need / 1e9:.1f} GB); it ended with: {last}"))
                     print(notes[-1], flush=True)
                     continue
                 rows.append(json.loads(line[0]))
@@ -166,6 +183,15 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def report(path: str, chunk: int) -> None:
+    """Print the table of an earlier run's JSON rows against the current memory model."""
+    rows = json.load(open(path))
+    for r in rows:
+        r["model"] = model_bytes(r["P"], r["n_total"], r["K"], r["path"], r["chunk"])["total"]
+    table(rows)
+    print(projection(chunk=chunk))
 
 
 def table(rows: list[dict]) -> None:
@@ -198,7 +224,9 @@ def projection(P: int = 430_000, n_total: int = 4096, chunk: int = 64) -> str:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--one"]:
-        one(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+    if sys.argv[1:2] == ["--report"]:
+        report(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 64)
+    elif sys.argv[1:2] == ["--one"]:
+        one(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), float(sys.argv[6]))
     else:
         main()
