@@ -87,7 +87,9 @@ def bytes_per_step(solver: str, n_params: int, n_total: int, cg_iterations: int 
     return 8 * body
 
 
-def _divisor_at_most(n: int, k: int) -> int:
+def _chunk(n: int, chunk: int) -> int:
+    """Rows per chunk: the largest divisor of n not above `chunk` (0: all n at once)."""
+    k = chunk if chunk > 0 else n
     return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
 
 
@@ -109,7 +111,7 @@ def _jacobian_and_sum(logpsi: Callable, params, s: jax.Array, chunk: int
     accumulated inside the loop that builds it: read afterwards, XLA would copy the buffer."""
     flat, jac = _jacobian_of_chunk(logpsi, params)
     n = s.shape[0]
-    c = _divisor_at_most(n, chunk if chunk > 0 else n)
+    c = _chunk(n, chunk)
     if c == n:
         J = jac(flat, s)
         return J, J.sum(1, keepdims=True)
@@ -147,7 +149,7 @@ def _rows(eloc: jax.Array, n_total: int, phase_scale: jax.Array | float) -> jax.
 def _subtract_in_place(buf: jax.Array, mean: jax.Array, axis: int, chunk: int) -> jax.Array:
     """buf - mean, `chunk` rows along `axis` at a time inside a loop: XLA then updates the
     buffer in place instead of allocating a second one of the size of X."""
-    c = _divisor_at_most(buf.shape[axis], chunk if chunk > 0 else buf.shape[axis])
+    c = _chunk(buf.shape[axis], chunk)
 
     def body(i, b):
         block = jax.lax.dynamic_slice_in_dim(b, i * c, c, axis)
@@ -277,7 +279,7 @@ def columns_by_rank(logpsi: Callable, params, s: jax.Array, n_total: int, chunk:
     flat, jac = _jacobian_of_chunk(logpsi, params)
     P, n = flat.size, s.shape[0]
     Pb = -(-P // K)
-    c = _divisor_at_most(n, chunk if chunk > 0 else n)
+    c = _chunk(n, chunk)
 
     def body(i, carry):
         buf, total = carry

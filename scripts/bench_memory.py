@@ -72,6 +72,13 @@ def one(size: str, n_total: int, path: str, chunk: int, limit_gb: float) -> None
     of limit_gb GiB; rank 0 prints a JSON line."""
     limit = int(limit_gb * 2 ** 30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    from pipeline import dist
+
+    with dist.abort_on_error():  # a rank that fails (out of memory) ends the other, not waits
+        _one(size, n_total, path, chunk)
+
+
+def _one(size: str, n_total: int, path: str, chunk: int) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
