@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from .config import conf_dir, register
-from .errors import RefusedRun
+from .errors import RefusedRun, WriteFailed
 
 register()
 
@@ -29,20 +29,23 @@ def main(cfg: DictConfig) -> None:
             return
         from .app import run_job
 
-        code = run_job(cfg, run_dir)
+        code = run_job(cfg, run_dir, overrides=list(HydraConfig.get().overrides.task))
     except RefusedRun as e:
-        _refuse(e)
+        _one_line(e, 2)
+    except WriteFailed as e:
+        _one_line(e, 1)
     if code:
         sys.exit(code)
 
 
-def _refuse(e: Exception) -> None:
-    """One line on stderr (rank 0) and exit status 2, for input the run cannot accept."""
+def _one_line(e: Exception, code: int) -> None:
+    """One line on stderr (rank 0) and exit status `code`: 2 for input the run cannot accept,
+    1 for a failed write."""
     from . import dist
 
     if dist.is_root():
         sys.stderr.write(f"error: {e}\n")
-    sys.exit(2)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

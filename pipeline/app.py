@@ -1,29 +1,31 @@
 """One job: validate the config, build the system, resume or start, train, measure, report.
 
 Called by `python -m pipeline` (local launcher, under any MPI launcher) and inside SLURM tasks
-by the submitit launcher. Returns a process exit status: 0 finished (or stopped after
-run.steps_per_job), `status.EXIT_REQUEUE` stopped by a signal and checkpointed ("requeue me");
-errors raise (and abort every rank of a multi-rank world).
+by the submitit launcher. Rank 0 holds the run directory (`rundir.owned`) for the whole job.
+Returns a process exit status: 0 finished, already finished, stopped after run.steps_per_job or
+cancelled by SIGTERM; `status.EXIT_REQUEUE` stopped by SIGUSR2 and checkpointed ("requeue me").
+Refusals (`RefusedRun`) raise on every rank alike and change nothing in the run directory; other
+errors mark the run failed and raise (aborting every rank of a multi-rank world); a failed write
+(disk full) raises `WriteFailed`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import yaml
 from omegaconf import DictConfig
 
-from . import checkpoint, dist, provenance, status
+from . import checkpoint, dist, provenance, rundir, status
 from .config import Config, config_differences, to_yaml, validate
 from .driver import Driver, RunState, StopRun
-from .errors import CheckpointIncompatible, RefusedRun, ResultsError
+from .errors import CheckpointIncompatible, RefusedRun, WriteFailed
 from .hooks import CheckpointHook, ProgressHook, ResultsHook, SignalHook, StepLimitHook
 from .report import reference_energy, summary, with_reference
-from .results import read_final
+from .results import prepare as prepare_results
 from .sr import SRState
 from .state import VariationalState
 from .system import System
@@ -44,17 +46,8 @@ def _checker(current: Config):
 
 def restore_or_fresh(driver: Driver, ckpt_dir: str) -> RunState:
     """The newest good checkpoint (rank 0 reads, every rank receives), else a fresh state."""
-    found: tuple[str, Any] = ("none", None)
-    if dist.is_root():
-        try:
-            snap = checkpoint.newest_good(ckpt_dir, *driver.templates(), _checker(driver.cfg),
-                                          log=log.warning)
-            found = ("ok", snap)
-        except checkpoint.CheckpointError as e:
-            found = ("error", str(e))
-    kind, value = dist.bcast_object(found)
-    if kind == "error":
-        raise CheckpointIncompatible(value)
+    value = dist.root_decides(lambda: checkpoint.newest_good(
+        ckpt_dir, *driver.templates(), _checker(driver.cfg), log=log.warning))
     if value is None:
         return driver.fresh_state()
     n = driver.cfg.sampler.n_chains // dist.size()
@@ -81,31 +74,46 @@ def _setup_logging(run_dir: str) -> None:
         log.addHandler(sh)
 
 
-def run_job(cfg: DictConfig | Config, run_dir: str, progress_bar: bool = True) -> int:
-    """Run (or resume) one VMC job in `run_dir`; see the module doc for the return value."""
-    with dist.abort_on_error():
+def run_job(cfg: DictConfig | Config, run_dir: str, progress_bar: bool = True,
+            overrides: list[str] | None = None) -> int:
+    """Run (or resume) one VMC job in `run_dir`; see the module doc for the return value.
+    `overrides` (the command line's) are recorded in <run dir>/.hydra/ once the run starts."""
+    with dist.abort_on_error(), contextlib.ExitStack() as owned:
         c = validate(cfg, dist.size())
-        run_dir = os.path.abspath(dist.bcast_object(run_dir))
-        status.ensure_writable(run_dir, "run directory")
+        run_dir = dist.root_decides(lambda: rundir.check(run_dir))
+        me = dist.root_decides(lambda: owned.enter_context(rundir.owned(run_dir)))
         _setup_logging(run_dir)
+        if dist.is_root() and not me["locked"]:
+            log.warning("run directory %s: no flock on this file system, running unlocked", run_dir)
         for line in dist.startup_report():
             dist.print0(line)
             log.info(line)
         try:
-            return _train(c, run_dir, progress_bar)
+            return _train(c, run_dir, progress_bar, me, overrides)
         except StopRun:
             raise
+        except RefusedRun as e:  # a refusal with its reason: no traceback, no status change
+            log.info("run refused: %s", e)  # rank log only: stderr gets one line
+            raise
         except Exception as e:
+            log.exception("run failed")
             if dist.is_root():
-                status.write(run_dir, "failed", error=f"{type(e).__name__}: {e}")
-            if isinstance(e, RefusedRun):  # a refusal with its reason: no traceback needed
-                log.info("run refused: %s", e)  # rank log only: stderr gets one line
-            else:
-                log.exception("run failed")
+                _record_failure(run_dir, e)
+            if isinstance(e, OSError):  # disk full, quota, I/O error: one line, not a traceback
+                raise WriteFailed(f"{e.strerror or e} ({e.filename or run_dir}); the run is "
+                                  "marked failed, earlier checkpoints and results are intact") from e
             raise
 
 
-def _train(c: Config, run_dir: str, progress_bar: bool) -> int:
+def _record_failure(run_dir: str, e: Exception) -> None:
+    try:
+        status.write(run_dir, "failed", error=f"{type(e).__name__}: {e}")
+    except OSError:  # the disk that failed the run may refuse this too
+        log.error("could not record the failure in %s", status.FILE)
+
+
+def _train(c: Config, run_dir: str, progress_bar: bool, me: dict, overrides: list[str] | None
+           ) -> int:
     system = System.build(c)
     config_yaml = to_yaml(c)
     meta = {"versions": provenance.versions(), "code_version": provenance.code_version(),
@@ -114,10 +122,11 @@ def _train(c: Config, run_dir: str, progress_bar: bool) -> int:
                         c.checkpoint.every_minutes, c.checkpoint.keep, config_yaml, meta)
     reference = reference_energy(c, system.hamiltonian) if dist.is_root() else None
     driver = Driver(system)
-    results = ResultsHook(os.path.join(run_dir, "results.h5"), {
-        "config": config_yaml, "versions": yaml.safe_dump(meta["versions"]),
-        "code_version": meta["code_version"], "n_ranks": dist.size(), "seed": c.run.seed,
-        "n_params": driver.n_params, "solver": driver.solver}, reference)
+    results_path = os.path.join(run_dir, "results.h5")
+    attrs = {"config": config_yaml, "versions": yaml.safe_dump(meta["versions"]),
+             "code_version": meta["code_version"], "n_ranks": dist.size(), "seed": c.run.seed,
+             "n_params": driver.n_params, "solver": driver.solver}
+    results = ResultsHook(results_path, reference)
     signals = SignalHook(ck)
     driver.hooks = [ProgressHook(c.run.n_iter, bar=progress_bar), results, ck, signals]
     if c.run.steps_per_job:
@@ -127,19 +136,22 @@ def _train(c: Config, run_dir: str, progress_bar: bool) -> int:
                 f"{c.sampler.n_chains} chains over {dist.size()} rank(s); run dir {run_dir}")
     log.info("SR solver %s: %s", driver.solver, driver.preconditioner.reason)
     state = restore_or_fresh(driver, ck.directory)
-    problem = results_problem(results.path, state.step) if dist.is_root() else None
-    problem = dist.bcast_object(problem)  # rank 0 looks at the file; every rank stops alike
-    if problem:
-        raise ResultsError(problem)
+    finished = dist.root_decides(
+        lambda: prepare_results(results_path, attrs, state.step, c.run.n_iter))
+    if finished:
+        dist.print0(f"already finished at step {state.step} ({results_path} holds /final); "
+                    "nothing to do")
+        return 0
     if dist.is_root():
-        status.write(run_dir, "running", step=state.step, n_ranks=dist.size())
+        provenance.write_run_record(run_dir, config_yaml, overrides)
+        status.write(run_dir, "running", step=state.step, n_ranks=dist.size(), pid=me["pid"],
+                     host=me["host"])
     try:
         state, final = driver.run(state)
     except StopRun as stop:
         if dist.is_root():
             n = int(status.read(run_dir).get("requeues", 0)) + int(stop.requeue)
-            status.write(run_dir, status.REQUEUED if stop.requeue else "stopped", step=stop.step,
-                         requeues=n, message=str(stop))
+            status.write(run_dir, stop.state, step=stop.step, requeues=n, message=str(stop))
         dist.print0(f"stopped: {stop}")
         return status.EXIT_REQUEUE if stop.requeue else 0
     finally:
@@ -151,20 +163,3 @@ def _train(c: Config, run_dir: str, progress_bar: bool) -> int:
             "energy_per_site", "energy_error", "relative_error")})
         dist.print0(summary(c, final))
     return 0
-
-
-def results_problem(path: str, step: int) -> str | None:
-    """Why results.h5 must not be (re)opened for a run starting at `step`, or None."""
-    if step > 0 and not os.path.exists(path):
-        return (f"results file {path} is missing, but the run resumes from step {step}: its history "
-                "would be incomplete. Restore the file, or move the checkpoints/ directory away to "
-                "start over.")
-    if step == 0 and os.path.exists(path):
-        try:
-            finished = bool(read_final(path))
-        except OSError as e:
-            return f"cannot read results file {path} ({e})"
-        if finished:
-            return (f"results file {path} holds a finished run but there is no checkpoint to "
-                    "resume from; use another hydra.run.dir")
-    return None

@@ -26,6 +26,7 @@ import h5py
 import jax
 import numpy as np
 
+from . import hdf5
 from .errors import CheckpointCorrupt, CheckpointError, CheckpointIncompatible
 
 __all__ = ["CheckpointCorrupt", "CheckpointError", "CheckpointIncompatible", "Snapshot", "write",
@@ -78,9 +79,9 @@ def write(directory: str, snap: Snapshot, meta: dict[str, Any], keep: int) -> st
     """Atomically write `snap` as ckpt_<step>.h5 and prune to the newest `keep`."""
     os.makedirs(directory, exist_ok=True)
     final = path_for(directory, snap.step)
-    tmp = final + ".tmp"
     payload = _payload(snap)
-    with h5py.File(tmp, "w") as f:
+
+    def fill(f: h5py.File) -> None:
         for group, arrays in payload.items():
             g = f.create_group(group)
             for i, a in enumerate(arrays):
@@ -91,10 +92,8 @@ def write(directory: str, snap: Snapshot, meta: dict[str, Any], keep: int) -> st
                         "sha256": _digest([a for arrays in payload.values() for a in arrays],
                                           _header(snap.step, snap.rollbacks, snap.config_yaml))})
         f.attrs["complete"] = 1
-        f.flush()
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+
+    hdf5.write_atomically(final, fill)
     prune(directory, keep, final)
     return final
 
@@ -124,7 +123,7 @@ def prune(directory: str, keep: int, written: str) -> None:
 
 
 def list_checkpoints(directory: str) -> list[str]:
-    """Checkpoint files, newest step first (temporaries excluded)."""
+    """Checkpoint files, newest step first (temporaries `*.h5.tmp-<pid>` excluded)."""
     files = [p for p in glob.glob(os.path.join(directory, "ckpt_*.h5")) if PATTERN.search(p)]
     return sorted(files, key=_step, reverse=True)
 

@@ -12,14 +12,14 @@ import socket
 import sys
 import traceback
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import backend  # noqa: F401  (device pinning, float64)
-from .errors import ConfigError
+from .errors import ConfigError, RefusedRun
 
 
 @lru_cache(maxsize=None)
@@ -92,6 +92,22 @@ def bcast_object(obj: Any, root: int = 0) -> Any:
     return obj if size() == 1 else world().bcast(obj, root=root)
 
 
+def root_decides(decide: Callable[[], Any]) -> Any:
+    """Run `decide` on rank 0 (file-system checks, reading files) and give every rank its value,
+    or raise its RefusedRun on every rank alike (marked so `abort_on_error` lets it through)."""
+    outcome: tuple[str, Any] = ("ok", None)
+    if is_root():
+        try:
+            outcome = ("ok", decide())
+        except RefusedRun as e:
+            outcome = ("refused", e)
+    kind, value = bcast_object(outcome)
+    if kind == "refused":
+        value.agreed_by_all_ranks = True
+        raise value
+    return value
+
+
 def gather_rows(x: np.ndarray) -> np.ndarray | None:
     """Concatenate every rank's rows on rank 0 (rank order); None elsewhere."""
     if size() == 1:
@@ -148,7 +164,9 @@ def abort_on_error() -> Iterator[None]:
         yield
     except ConfigError:
         raise  # raised identically on every rank before any collective: no need to abort
-    except Exception:
+    except Exception as e:
+        if getattr(e, "agreed_by_all_ranks", False):
+            raise  # a `root_decides` refusal: every rank raises it
         if size() > 1:
             sys.stderr.write(f"[rank {rank()}] fatal error, aborting all {size()} ranks:\n"
                              + traceback.format_exc())

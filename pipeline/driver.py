@@ -32,11 +32,16 @@ class NonFiniteEnergy(RuntimeError):
 
 
 class StopRun(Exception):
-    """Raised by a hook to end the run cleanly; `requeue` asks the launcher to run it again."""
+    """Raised by a hook to end the run cleanly after a checkpoint; `state` is the status to
+    record: "stopped", "requeued" (asks the launcher to run it again) or "cancelled"."""
 
-    def __init__(self, reason: str, step: int, requeue: bool = False) -> None:
+    def __init__(self, reason: str, step: int, state: str = "stopped") -> None:
         super().__init__(reason)
-        self.step, self.requeue = step, requeue
+        self.step, self.state = step, state
+
+    @property
+    def requeue(self) -> bool:
+        return self.state == "requeued"
 
 
 @dataclass(frozen=True)

@@ -27,3 +27,16 @@ class CheckpointIncompatible(CheckpointError):
 
 class ResultsError(RefusedRun):
     """results.h5 cannot be opened or written; the message names the file and the cause."""
+
+
+class RunDirError(RefusedRun):
+    """The run directory cannot be used (a file, under a file, not writable)."""
+
+
+class RunDirInUse(RunDirError):
+    """Another live process holds the run directory's lock; the message names its pid and host."""
+
+
+class WriteFailed(RuntimeError):
+    """Writing a checkpoint, results or record failed (disk full, quota, I/O error); earlier
+    files are intact. `python -m pipeline` prints it as one line and exits with status 1."""

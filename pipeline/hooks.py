@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import checkpoint, dist
+from . import checkpoint, dist, status
 from .driver import RunState, StopRun
 from .records import StepRecord
 from .report import with_reference
@@ -71,15 +71,15 @@ class ProgressHook(BaseHook):
 
 
 class ResultsHook(BaseHook):
-    """Rank 0 appends each step to results.h5 and writes /final at the end (with the reference
-    energy the reporting layer looked up: see `report.with_reference`)."""
+    """Rank 0 appends each step to results.h5 (made ready by `results.prepare`) and writes /final
+    at the end (with the reference energy the reporting layer looked up: `report.with_reference`)."""
 
-    def __init__(self, path: str, attrs: dict[str, Any], reference: float | None) -> None:
-        self.path, self.attrs, self.reference, self.writer = path, attrs, reference, None
+    def __init__(self, path: str, reference: float | None) -> None:
+        self.path, self.reference, self.writer = path, reference, None
 
     def on_run_start(self, state: RunState) -> None:
         if dist.is_root():
-            self.writer = ResultsWriter(self.path, self.attrs, keep_steps_below=state.step)
+            self.writer = ResultsWriter(self.path)
 
     def on_step_end(self, state: RunState, record: StepRecord) -> None:
         if self.writer:
@@ -91,7 +91,7 @@ class ResultsHook(BaseHook):
 
     def on_run_end(self, state: RunState, final: dict) -> None:
         if self.writer:
-            self.writer.finish(with_reference(final, self.reference))
+            self.writer.finish(with_reference(final, self.reference) | {"step": state.step})
 
     def close(self) -> None:
         if self.writer:
@@ -137,27 +137,30 @@ class CheckpointHook(BaseHook):
 
 
 class SignalHook(BaseHook):
-    """SIGUSR2 / SIGTERM set a flag (nothing else in the handler); at the next step boundary all
-    ranks agree on it, checkpoint together and stop with a request to be requeued."""
+    """SIGUSR2 (SLURM's warning before a time limit, `launcher.signal_delay_s`) and SIGTERM
+    (`scancel`, or preemption) set a flag (nothing else in the handler); at the next step
+    boundary all ranks agree on it and checkpoint together. SIGUSR2 then stops with a request to
+    be requeued, SIGTERM stops for good (status `cancelled`); SIGUSR2 wins when both came."""
 
     SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
     def __init__(self, checkpoints: CheckpointHook) -> None:
-        self.checkpoints, self.received, self.previous = checkpoints, 0, {}
+        self.checkpoints, self.received, self.previous = checkpoints, set(), {}
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.received = signum
+        self.received.add(signum)
 
     def on_run_start(self, state: RunState) -> None:
         for s in self.SIGNALS:
             self.previous[s] = signal.signal(s, self._handler)
 
     def on_step_end(self, state: RunState, record: StepRecord) -> None:
-        if dist.any_flag(bool(self.received)):
+        usr2 = dist.any_flag(signal.SIGUSR2 in self.received)
+        if usr2 or dist.any_flag(signal.SIGTERM in self.received):
             self.checkpoints.save(state)
-            name = signal.Signals(self.received).name if self.received else "a signal on another rank"
+            name, outcome = ("SIGUSR2", status.REQUEUED) if usr2 else ("SIGTERM", status.CANCELLED)
             raise StopRun(f"received {name}: checkpointed at step {state.step}", state.step,
-                          requeue=True)
+                          outcome)
 
     def restore(self) -> None:
         for s, h in self.previous.items():

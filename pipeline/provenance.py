@@ -31,3 +31,19 @@ def code_version() -> str:
         return rev.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def write_run_record(run_dir: str, config_yaml: str, overrides: list[str] | None) -> None:
+    """<run dir>/.hydra/config.yaml (the resolved config) and overrides.yaml (the command line's
+    overrides), written when a run starts, never for a refused one (Hydra's own writing of them
+    is turned off: `hydra.output_subdir: null`)."""
+    import yaml
+
+    d = os.path.join(run_dir, ".hydra")
+    os.makedirs(d, exist_ok=True)
+    for name, text in (("config.yaml", config_yaml),
+                       ("overrides.yaml", yaml.safe_dump(list(overrides or [])))):
+        tmp = os.path.join(d, f"{name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(d, name))

@@ -5,53 +5,167 @@ Layout (an interface users script against):
   /                 attrs: n_params, config (resolved YAML), units, versions, code_version, n_ranks
   /history/<field>  1-D datasets, one row per step: the fields of `records.StepRecord`, in its
                     order and with its documentation; energies per site in S.S units
-  /final            attrs: energy_per_site, energy_error, variance_per_site, v_score,
+  /final            attrs: step, energy_per_site, energy_error, variance_per_site, v_score,
                     reference_energy_per_site, relative_error, n_samples, r_hat, acceptance
 
-Readers open it with h5py.File(path, "r", swmr=True) while the job runs.
-Only rank 0 writes.
+Readers open it with h5py.File(path, "r", swmr=True) while the job runs, or with `load` here,
+which also reads files whose writer was killed and never hangs on a damaged one.
+Only rank 0 writes. The file is only ever replaced whole (written next to it, then renamed) or
+appended to: a new run creates it, a resume rebuilds it from the rows below the resume step
+(`prepare`), and /final is added by rewriting it (`ResultsWriter.finish`); in between, rows are
+appended in SWMR mode, so a kill at any moment leaves a file `load` can read.
 """
 from __future__ import annotations
 
+import logging
+import os
+import time
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import h5py
 import numpy as np
+from h5py import h5f, h5p
 
+from . import hdf5
 from .errors import ResultsError
 from .records import DTYPES, HISTORY, StepRecord
 
 UNITS = "energies per site in S.S units (H = J1 sum S_i.S_j + J2 sum S_i.S_j); variance = Var(E_loc)/N"
+GROWING = ("history",)  # groups whose datasets grow by rows while the job runs
+log = logging.getLogger("vitnqs")
+
+
+@dataclass
+class Content:
+    """A results file in memory: root attributes and, by path, each group's or dataset's
+    attributes and each dataset's array."""
+
+    attrs: dict = field(default_factory=dict)
+    groups: dict[str, dict] = field(default_factory=dict)
+    datasets: dict[str, tuple[np.ndarray, dict]] = field(default_factory=dict)
+    left_open: bool = False  # its writer was killed (or is still writing)
+
+    @property
+    def history(self) -> dict[str, np.ndarray]:
+        return {k.split("/", 1)[1]: a for k, (a, _) in self.datasets.items()
+                if k.startswith("history/")}
+
+    @property
+    def final(self) -> dict:
+        return dict(self.groups.get("final", {}))
+
+    def cut_history(self, keep_steps_below: int) -> None:
+        """Drop the rows with step >= keep_steps_below."""
+        steps = self.history.get("step", np.zeros(0, np.int64))
+        n = int(np.searchsorted(steps, keep_steps_below))
+        for k, (a, attrs) in list(self.datasets.items()):
+            if k.startswith("history/"):
+                self.datasets[k] = (a[:n], attrs)
+
+    def write(self, path: str) -> None:
+        """Replace `path` with this content (atomically); history datasets stay growable."""
+        def fill(f: h5py.File) -> None:
+            f.attrs.update(self.attrs)
+            for name, attrs in self.groups.items():
+                f.require_group(name).attrs.update(attrs)
+            for name, (a, attrs) in self.datasets.items():
+                growing = name.split("/", 1)[0] in GROWING
+                ds = f.create_dataset(name, data=a, chunks=(256,) + a.shape[1:] if growing else None,
+                                      maxshape=(None,) + a.shape[1:] if growing else None)
+                ds.attrs.update(attrs)
+        hdf5.write_atomically(path, fill)
+
+
+def load(path: str, attempts: int = 3) -> Content:
+    """The whole file, read in bounded time (see `hdf5`); a live writer's file is read as of its
+    last flush. Raises ResultsError with one line naming the file when it cannot be read."""
+    for attempt in range(attempts):
+        try:
+            f, left_open = hdf5.read_image(path)
+            with f:
+                c = Content(dict(f.attrs), left_open=left_open)
+                for name, obj in hdf5.walk(f):
+                    if isinstance(obj, h5py.Dataset):
+                        c.datasets[name] = (obj[()], dict(obj.attrs))
+                    else:
+                        c.groups[name] = dict(obj.attrs)
+            return c
+        except FileNotFoundError:
+            raise ResultsError(f"results file {path} does not exist") from None
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            if attempt + 1 == attempts:
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ResultsError(f"results file {path} is damaged or unreadable ({reason}); move "
+                                   "it away to start over, or restore a good copy") from None
+            time.sleep(0.2)  # a live writer may have been between two flushes
+    raise AssertionError("unreachable")
+
+
+def check_history(path: str, c: Content, step: int) -> None:
+    """A resume from checkpoint `step` needs exactly the rows of steps 0 .. step-1."""
+    h = c.history
+    missing = [k for k in HISTORY if k not in h]
+    if missing:
+        raise ResultsError(f"results file {path} lacks history fields {missing}: not a results "
+                           "file of this version; use another hydra.run.dir")
+    steps = h["step"][h["step"] < step]
+    if not np.array_equal(steps, np.arange(step)):
+        last = int(steps[-1]) if len(steps) else None
+        raise ResultsError(
+            f"results file {path} holds {len(steps)} history rows up to step {last} but the "
+            f"checkpoint is at step {step}: it is an older or foreign copy. Restore the run's own "
+            "results.h5, or move checkpoints/ away to start over.")
+
+
+def prepare(path: str, attrs: Mapping[str, object], step: int, n_iter: int) -> bool:
+    """Make `path` the results file of a run (re)starting at `step`: a new file at step 0 (an
+    unfinished earlier attempt's rows are dropped), else the existing file rebuilt with the rows
+    below `step`, attributes updated and /final kept. Returns True, touching nothing, when the
+    file holds the finished run (/final of step `step` >= n_iter). Refuses, with one line, a
+    missing file on resume, a history that does not end at step - 1, or a finished run without
+    checkpoints."""
+    exists = os.path.lexists(path)
+    if step > 0 and not exists:
+        raise ResultsError(f"results file {path} is missing, but the run resumes from step {step}: "
+                           "its history would be incomplete. Restore the file, or move the "
+                           "checkpoints/ directory away to start over.")
+    old = load(path) if exists else None
+    if old is not None and old.final and step >= n_iter and old.final.get("step", step) == step:
+        return True
+    if old is not None and step == 0 and old.final:
+        raise ResultsError(f"results file {path} holds a finished run but there is no checkpoint "
+                           "to resume from; use another hydra.run.dir")
+    c = old if old is not None else Content()
+    if step > 0:
+        check_history(path, c, step)
+    c.cut_history(step)
+    if step == 0:  # an attempt killed before its first checkpoint: start the file over
+        c = Content()
+    for name in HISTORY:
+        c.datasets.setdefault(f"history/{name}", (np.zeros(0, DTYPES[name]), {}))
+    c.groups.setdefault("history", {})
+    c.attrs.update(attrs)
+    c.attrs["units"] = UNITS
+    if old is not None and old.left_open:
+        log.warning("results file %s had been left open by a killed writer: rebuilt from its "
+                    "rows below step %d", path, step)
+    c.write(path)
+    return False
 
 
 class ResultsWriter:
-    """Appends one row per step to /history; `finish` writes /final."""
+    """Appends one row per step to /history of a file `prepare` made; `finish` writes /final."""
 
-    def __init__(self, path: str, attrs: Mapping[str, object], keep_steps_below: int) -> None:
-        """Open (or create) `path`; rows with step >= keep_steps_below are cut (resume)."""
+    def __init__(self, path: str) -> None:
+        """Open `path` for SWMR writing in one call, so no moment leaves it open without SWMR."""
         self.path = path
         try:
-            self.f = h5py.File(path, "a", libver="latest")
-        except (OSError, BlockingIOError) as e:
-            raise ResultsError(f"cannot open results file {path} for writing ({e}); "
-                               "is another job writing it, or the directory read-only?") from e
-        f = self.f
-        hist = f.require_group("history")
-        n_keep = 0
-        if "step" in hist:
-            n_keep = int(np.searchsorted(hist["step"][...], keep_steps_below))
-        for name in HISTORY:
-            if name not in hist:
-                hist.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(256,),
-                                    dtype=DTYPES[name])
-            hist[name].resize((n_keep,))
-        if "final" in f:
-            del f["final"]
-        for key, value in attrs.items():
-            f.attrs[key] = value
-        f.attrs["units"] = UNITS
-        f.flush()
-        f.swmr_mode = True
+            fapl = h5p.create(h5p.FILE_ACCESS)
+            fapl.set_libver_bounds(h5f.LIBVER_LATEST, h5f.LIBVER_LATEST)
+            self.f = h5py.File(h5f.open(path.encode(), h5f.ACC_RDWR | h5f.ACC_SWMR_WRITE, fapl))
+        except OSError as e:
+            raise ResultsError(f"cannot open results file {path} for writing ({e})") from e
 
     def append(self, record: StepRecord) -> None:
         hist = self.f["history"]
@@ -75,21 +189,22 @@ class ResultsWriter:
             self.f.close()
 
     def finish(self, final: Mapping[str, float]) -> None:
-        """Close the SWMR session and write /final (new objects need a non-SWMR handle)."""
+        """Close the SWMR session and write /final by replacing the file with a copy holding it."""
         self.close()
-        with h5py.File(self.path, "a", libver="latest") as f:
-            g = f.require_group("final")
-            for key, value in final.items():
-                g.attrs[key] = value
-            f.flush()
+        write_final(self.path, final)
+
+
+def write_final(path: str, final: Mapping[str, float]) -> None:
+    """Set /final's attributes by rewriting the file (write-new-then-replace)."""
+    c = load(path)
+    c.groups["final"] = dict(final)
+    c.write(path)
 
 
 def read_history(path: str) -> dict[str, np.ndarray]:
     """The history as arrays; safe while a job writes the file."""
-    with h5py.File(path, "r", swmr=True) as f:
-        return {k: f["history"][k][...] for k in f["history"]}
+    return load(path).history
 
 
 def read_final(path: str) -> dict[str, float]:
-    with h5py.File(path, "r") as f:
-        return dict(f["final"].attrs) if "final" in f else {}
+    return load(path).final

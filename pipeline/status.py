@@ -1,6 +1,8 @@
 """A run directory's own record of its state, readable without squeue: <run dir>/status.json,
-replaced atomically by rank 0. States: queued, running, requeued (stopped by a signal with a
-checkpoint, to be run again), stopped (run.steps_per_job reached), finished, failed."""
+replaced atomically by rank 0 of the job that holds the run directory (`rundir.owned`); a refused
+start never writes it. States: queued, running (with the pid and host of rank 0), requeued
+(SIGUSR2: checkpointed, to be run again), cancelled (SIGTERM: checkpointed, not to be run
+again), stopped (run.steps_per_job reached), finished, failed (with `error`)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +10,12 @@ import os
 import time
 from typing import Any
 
+from . import rundir
+
 FILE = "status.json"
 REQUEUED = "requeued"
+CANCELLED = "cancelled"
+PER_STATE = ("error", "message")  # fields that describe one state only
 EXIT_REQUEUE = 3  # process exit status of a job that checkpointed and asks to be run again
 
 
@@ -22,22 +28,21 @@ def read(run_dir: str) -> dict[str, Any]:
 
 
 def write(run_dir: str, state: str, **fields: Any) -> None:
-    """Set the state, keeping earlier fields (e.g. the requeue count)."""
-    data = read(run_dir) | fields | {"state": state, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    """Set the state, keeping earlier fields (e.g. the requeue count) but not an earlier state's
+    error or message."""
+    old = {k: v for k, v in read(run_dir).items() if k not in PER_STATE}
+    data = old | fields | {"state": state, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
     tmp = os.path.join(run_dir, FILE + ".tmp")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
     os.replace(tmp, os.path.join(run_dir, FILE))
 
 
-def ensure_writable(path: str, what: str) -> None:
-    """Create directory `path` if needed and prove it writable, or raise PermissionError naming
-    `what` and the path (checked before anything is started or submitted)."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise PermissionError(f"{what} {path} is not writable ({e.strerror})") from e
+def current(run_dir: str) -> str:
+    """The recorded state, with a `running` whose process is gone shown as stale."""
+    data = read(run_dir)
+    state = data.get("state", "unknown")
+    if state == "running" and not rundir.held(run_dir, data.get("pid"), data.get("host")):
+        return (f"running? (stale: pid {data.get('pid', '?')} on host {data.get('host', '?')} "
+                "is gone; killed or lost)")
+    return state

@@ -14,16 +14,28 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from .. import status
+from .. import rundir, status
 from ..config import Config, LauncherConfig, to_yaml, validate
-from ..errors import ConfigError
+from ..errors import ConfigError, RunDirError
 
-_PENDING: list[tuple[Config, str]] = []
+
+
+@dataclass(frozen=True)
+class Point:
+    """One job to submit: its validated config, run directory and command-line overrides."""
+
+    config: Config
+    run_dir: str
+    overrides: tuple[str, ...]
+
+
+_PENDING: list[Point] = []
 
 
 class SubmissionError(RuntimeError):
@@ -33,7 +45,10 @@ class SubmissionError(RuntimeError):
 def enqueue(cfg: DictConfig, run_dir: str) -> None:
     """Validate one point now (bad input fails before anything is submitted) and queue it."""
     c = validate(cfg, cfg.launcher.nodes * cfg.launcher.tasks_per_node)
-    _PENDING.append((c, os.path.abspath(run_dir)))
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = tuple(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ()
+    _PENDING.append(Point(c, os.path.abspath(run_dir), overrides))
 
 
 def _executor_parameters(la: LauncherConfig, name: str) -> dict[str, Any]:
@@ -75,36 +90,37 @@ def _describe(la: LauncherConfig) -> str:
 
 def _check_folder(folder: str, what: str) -> None:
     try:
-        status.ensure_writable(folder, what)
-    except PermissionError as e:
+        rundir.check(folder, what)
+    except RunDirError as e:
         raise SubmissionError(str(e)) from e
 
 
-def submit(points: list[tuple[Config, str]], base_dir: str) -> list[Any]:
+def submit(points: list[Point], base_dir: str) -> list[Any]:
     """Submit the points as job arrays (one per distinct launcher setting); returns the jobs."""
     import submitit
 
     if not points:
         raise SubmissionError("the sweep has no points: nothing submitted")
-    groups: dict[str, list[tuple[Config, str]]] = {}
-    for c, run_dir in points:
-        groups.setdefault(OmegaConf.to_yaml(OmegaConf.structured(c.launcher)), []).append((c, run_dir))
-    folder = os.path.join(base_dir, points[0][0].launcher.folder)
+    groups: dict[str, list[Point]] = {}
+    for p in points:
+        groups.setdefault(OmegaConf.to_yaml(OmegaConf.structured(p.config.launcher)), []).append(p)
+    folder = os.path.join(base_dir, points[0].config.launcher.folder)
     _check_folder(folder, "submitit folder")
     for group in groups.values():  # every check before the first submission
-        test_resources(group[0][0].launcher)
-    for _, run_dir in points:
-        _check_folder(run_dir, "run directory")
+        test_resources(group[0].config.launcher)
+    for p in points:
+        _check_folder(p.run_dir, "run directory")
     jobs = []
     for group in groups.values():
-        la = group[0][0].launcher
+        la = group[0].config.launcher
         ex = submitit.AutoExecutor(folder=os.path.join(folder, "%j"), slurm_python=sys.executable,
                                    cluster="slurm")
         ex.update_parameters(**_executor_parameters(la, "vitnqs"))
-        batch = ex.map_array(SlurmJob(), [to_yaml(c) for c, _ in group], [d for _, d in group])
-        for job, (c, run_dir) in zip(batch, group):
-            status.write(run_dir, "queued", job_id=job.job_id, requeues=0)
-            print(f"submitted job {job.job_id}: {run_dir}", flush=True)
+        batch = ex.map_array(SlurmJob(), [to_yaml(p.config) for p in group],
+                             [p.run_dir for p in group], [list(p.overrides) for p in group])
+        for job, p in zip(batch, group):
+            status.write(p.run_dir, "queued", job_id=job.job_id, requeues=0)
+            print(f"submitted job {job.job_id}: {p.run_dir}", flush=True)
         jobs += batch
     return jobs
 
@@ -144,7 +160,7 @@ class SubmitCallback(Callback):
 class SlurmJob:
     """What each SLURM task runs (every task is one MPI rank of the same world)."""
 
-    def __call__(self, config_yaml: str, run_dir: str) -> dict | None:
+    def __call__(self, config_yaml: str, run_dir: str, overrides: list[str]) -> dict | None:
         import submitit
 
         from .. import dist
@@ -158,7 +174,7 @@ class SlurmJob:
                    f"for MPICH, --mpi=pmix for Open MPI), now {list(cfg.launcher.srun_args)}")
             status.write(run_dir, "failed", error=msg, job_id=env.job_id)
             raise RuntimeError(msg)
-        code = run_job(cfg, run_dir, progress_bar=False)
+        code = run_job(cfg, run_dir, progress_bar=False, overrides=overrides)
         if code != status.EXIT_REQUEUE:
             return status.read(run_dir) if dist.is_root() else None
         if dist.is_root():
