@@ -6,6 +6,7 @@ SLURM with submitit, as one job array, when the composition ends.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -33,18 +34,24 @@ def main(cfg: DictConfig) -> None:
     except RefusedRun as e:
         _one_line(e, 2)
     except WriteFailed as e:
-        _one_line(e, 1)
+        # HDF5's state after a failed write can crash the interpreter's exit handlers (h5py
+        # closes every id at exit): report, flush and leave without them.
+        _one_line(e, 1, hard=True)
     if code:
         sys.exit(code)
 
 
-def _one_line(e: Exception, code: int) -> None:
+def _one_line(e: Exception, code: int, hard: bool = False) -> None:
     """One line on stderr (rank 0) and exit status `code`: 2 for input the run cannot accept,
-    1 for a failed write."""
+    1 for a failed write (`hard`: without the interpreter's exit handlers)."""
     from . import dist
 
     if dist.is_root():
         sys.stderr.write(f"error: {e}\n")
+    if hard:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

@@ -1,7 +1,9 @@
 """Collect the final results of many run directories into one table (offline, read-only).
 
 python -m pipeline.aggregate DIR [DIR ...] [--csv FILE]
-Every results.h5 under the directories is read; a run without /final shows its status instead.
+Every results.h5 under the directories is read (`results.load`: also files of running or killed
+jobs, never hanging); a run without /final shows its status instead (a `running` whose process is
+gone shows as stale); an unreadable or foreign file is skipped with a one-line warning.
 """
 from __future__ import annotations
 
@@ -10,13 +12,28 @@ import csv
 import os
 import sys
 
-import h5py
 import yaml
 
 from . import status
+from .errors import ResultsError
+from .results import load
 
 COLUMNS = ("run_dir", "state", "L", "J2", "model", "n_params", "energy_per_site", "energy_error",
            "variance_per_site", "v_score", "reference_energy_per_site", "relative_error")
+
+
+def _row(dirpath: str) -> dict:
+    c = load(os.path.join(dirpath, "results.h5"))
+    try:
+        cfg = yaml.safe_load(c.attrs["config"])
+        row = {"run_dir": dirpath, "state": status.current(dirpath), "L": cfg["lattice"]["L"],
+               "J2": cfg["hamiltonian"]["J2"], "model": f"vit_{cfg['model']['attention']}",
+               "n_params": int(c.attrs.get("n_params", 0))}
+    except (KeyError, TypeError, yaml.YAMLError) as e:
+        raise ResultsError(f"results file {dirpath}/results.h5 is not one of vitnqs ({e!r})") from None
+    if c.final:
+        row |= {k: float(c.final[k]) for k in COLUMNS[6:]}
+    return row
 
 
 def collect(roots: list[str]) -> list[dict]:
@@ -25,14 +42,10 @@ def collect(roots: list[str]) -> list[dict]:
         for dirpath, _, files in sorted(os.walk(root)):
             if "results.h5" not in files:
                 continue
-            with h5py.File(os.path.join(dirpath, "results.h5"), "r", swmr=True) as f:
-                cfg = yaml.safe_load(f.attrs["config"])
-                row = {"run_dir": dirpath, "state": status.read(dirpath).get("state", "unknown"),
-                       "L": cfg["lattice"]["L"], "J2": cfg["hamiltonian"]["J2"],
-                       "model": f"vit_{cfg['model']['attention']}", "n_params": int(f.attrs.get("n_params", 0))}
-                if "final" in f:
-                    row |= {k: float(f["final"].attrs[k]) for k in COLUMNS[6:]}
-            rows.append(row)
+            try:
+                rows.append(_row(dirpath))
+            except ResultsError as e:
+                print(f"skipping {os.path.join(dirpath, 'results.h5')}: {e}", file=sys.stderr)
     return rows
 
 

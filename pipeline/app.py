@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import yaml
 from omegaconf import DictConfig
 
-from . import checkpoint, dist, provenance, rundir, status
+from . import budget, checkpoint, dist, provenance, rundir, status
 from .config import Config, config_differences, to_yaml, validate
 from .driver import Driver, RunState, StopRun
 from .errors import CheckpointIncompatible, RefusedRun, WriteFailed
@@ -59,18 +59,27 @@ def restore_or_fresh(driver: Driver, ckpt_dir: str) -> RunState:
     return RunState(value.step, vstate, SRState(*sr_state), value.rollbacks)
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """A log file that drops what it cannot write (a full disk) instead of printing a traceback
+    per record: the failure itself reaches the user through the error that stops the run."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def _setup_logging(run_dir: str) -> None:
     """One log file per rank under <run dir>/logs; rank 0 also logs warnings to stderr."""
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     log.handlers.clear()
     log.setLevel(logging.INFO)
     log.propagate = False
-    fh = logging.FileHandler(os.path.join(run_dir, "logs", f"rank{dist.rank()}.log"))
+    fh = _QuietFileHandler(os.path.join(run_dir, "logs", f"rank{dist.rank()}.log"))
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(fh)
     if dist.is_root():
         sh = logging.StreamHandler(sys.stderr)
         sh.setLevel(logging.WARNING)
+        sh.addFilter(lambda r: not getattr(r, "file_only", False))  # its one line comes later
         log.addHandler(sh)
 
 
@@ -80,6 +89,8 @@ def run_job(cfg: DictConfig | Config, run_dir: str, progress_bar: bool = True,
     `overrides` (the command line's) are recorded in <run dir>/.hydra/ once the run starts."""
     with dist.abort_on_error(), contextlib.ExitStack() as owned:
         c = validate(cfg, dist.size())
+        here = dist.ranks_on_this_node()
+        dist.root_decides(lambda: budget.check(c, dist.size(), *budget.machine_bytes(here)))
         run_dir = dist.root_decides(lambda: rundir.check(run_dir))
         me = dist.root_decides(lambda: owned.enter_context(rundir.owned(run_dir)))
         _setup_logging(run_dir)
@@ -96,12 +107,13 @@ def run_job(cfg: DictConfig | Config, run_dir: str, progress_bar: bool = True,
             log.info("run refused: %s", e)  # rank log only: stderr gets one line
             raise
         except Exception as e:
-            log.exception("run failed")
+            log.exception("run failed", extra={"file_only": isinstance(e, OSError)})
             if dist.is_root():
                 _record_failure(run_dir, e)
             if isinstance(e, OSError):  # disk full, quota, I/O error: one line, not a traceback
-                raise WriteFailed(f"{e.strerror or e} ({e.filename or run_dir}); the run is "
-                                  "marked failed, earlier checkpoints and results are intact") from e
+                why = os.strerror(e.errno) if e.errno else str(e).splitlines()[0]
+                raise WriteFailed(f"cannot write in {run_dir}: {why}; the run is marked failed, "
+                                  "earlier checkpoints and results are intact") from e
             raise
 
 

@@ -78,6 +78,13 @@ def alltoall(x: jax.Array) -> jax.Array:
     return mpi4jax.alltoall(x, comm=_jax_comm())
 
 
+def ranks_on_this_node() -> int:
+    """How many ranks of the world share this node (and its memory)."""
+    if size() == 1:
+        return 1
+    return world().Split_type(_mpi().COMM_TYPE_SHARED).Get_size()
+
+
 def bcast(tree: Any, root: int = 0) -> Any:
     """Host-side broadcast of a pytree (parameters, restored state) from `root`."""
     if size() == 1:

@@ -95,14 +95,20 @@ def walk(f: h5py.File) -> Iterator[tuple[str, Any]]:
 
 
 def write_atomically(path: str, fill: Any) -> None:
-    """Create `path` by calling fill(h5py.File) on a new temporary file next to it, flush it to
-    disk and rename it into place: a kill or a full disk leaves the old file as it was."""
+    """Create `path` by calling fill(h5py.File) on a new file built in memory, then writing its
+    bytes to a temporary file next to `path`, flushing it to disk and renaming it into place: a
+    kill or a full disk leaves the old file as it was, and a failed write is a plain OSError
+    (HDF5 itself never meets the full disk, which would leave its library state broken)."""
+    buf = io.BytesIO()
+    with h5py.File(buf, "w", libver="latest") as f:
+        fill(f)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with h5py.File(tmp, "w", libver="latest") as f:
-            fill(f)
-        fd = os.open(tmp, os.O_RDONLY)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
+            view = memoryview(buf.getbuffer())
+            while view:
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -64,7 +64,8 @@ class Content:
                 self.datasets[k] = (a[:n], attrs)
 
     def write(self, path: str) -> None:
-        """Replace `path` with this content (atomically); history datasets stay growable."""
+        """Replace `path` with this content (atomically); history datasets stay growable and carry
+        a Fletcher-32 checksum per chunk, so damaged rows fail to read instead of reading wrong."""
         def fill(f: h5py.File) -> None:
             f.attrs.update(self.attrs)
             for name, attrs in self.groups.items():
@@ -72,7 +73,8 @@ class Content:
             for name, (a, attrs) in self.datasets.items():
                 growing = name.split("/", 1)[0] in GROWING
                 ds = f.create_dataset(name, data=a, chunks=(256,) + a.shape[1:] if growing else None,
-                                      maxshape=(None,) + a.shape[1:] if growing else None)
+                                      maxshape=(None,) + a.shape[1:] if growing else None,
+                                      fletcher32=growing)  # damaged rows fail to read
                 ds.attrs.update(attrs)
         hdf5.write_atomically(path, fill)
 

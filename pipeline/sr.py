@@ -46,34 +46,15 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from . import dist
+from .budget import GRAM_BLOCKS_MAX_BYTES, choose_solver
 from .config import OptimizerConfig, Solver
 
-DENSE_MAX_PARAMS = 4096
-KERNEL_MAX_ROWS = 8192
 GRAM_BLOCKS = 4  # row blocks of X for the kernel X X^T: 10 of 16 block products are computed
-GRAM_BLOCKS_MAX_BYTES = 2 ** 30  # above this size of X the block copies cost more than they save
 
 
 class SRInfo(NamedTuple):
     cg_iterations: jax.Array
     residual: jax.Array  # |(S + lambda) x - F| / |F|
-
-
-def choose_solver(solver: Solver | str, n_params: int, n_total: int,
-                  n_ranks: int = 1) -> tuple[str, str]:
-    """The concrete solver and why: 'auto' takes dense for small P, the kernel form when
-    parameters outnumber the 2 N_tot rows of X (and its 2N_tot x 2N_tot system is small enough),
-    CG otherwise. On K > 1 ranks the kernel form is distributed by parameter blocks."""
-    if solver != Solver.auto:
-        return str(solver), f"optimizer.solver={solver}"
-    rows = 2 * n_total
-    if n_params <= min(DENSE_MAX_PARAMS, rows):
-        return "dense", f"auto: P={n_params} <= min({DENSE_MAX_PARAMS}, 2 N_tot={rows})"
-    if n_params > rows and rows <= KERNEL_MAX_ROWS:
-        where = (f", X split by parameter blocks over {n_ranks} ranks ({n_params // n_ranks} "
-                 "columns each)" if n_ranks > 1 else "")
-        return "kernel", f"auto: P={n_params} > 2 N_tot={rows} <= {KERNEL_MAX_ROWS}{where}"
-    return "cg", f"auto: P={n_params}, 2 N_tot={rows}: neither dense nor kernel fits"
 
 
 def bytes_per_step(solver: str, n_params: int, n_total: int, cg_iterations: int = 0,

@@ -32,10 +32,18 @@ def write(run_dir: str, state: str, **fields: Any) -> None:
     error or message."""
     old = {k: v for k, v in read(run_dir).items() if k not in PER_STATE}
     data = old | fields | {"state": state, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    tmp = os.path.join(run_dir, FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(run_dir, FILE))
+    text = json.dumps(data, indent=1, sort_keys=True)
+    path, tmp = os.path.join(run_dir, FILE), os.path.join(run_dir, f"{FILE}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:  # a full disk: no room for a new file, but the old one's block is ours
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        with open(path, "r+" if os.path.exists(path) else "w") as f:
+            f.truncate(0)
+            f.write(text)
 
 
 def current(run_dir: str) -> str:

@@ -10,6 +10,7 @@ import sys
 import time
 
 from . import status
+from .errors import ResultsError
 from .results import read_final, read_history
 
 
@@ -17,7 +18,7 @@ def describe(run_dir: str) -> str:
     path = os.path.join(run_dir, "results.h5")
     h = read_history(path)
     n = len(h["step"])
-    state = status.read(run_dir).get("state", "unknown")
+    state = status.current(run_dir)
     if n == 0:
         return f"{run_dir}: {state}, 0 steps"
     last = (f"step {h['step'][-1]}: E/N = {h['energy'][-1]:+.6f} ± {h['energy_error'][-1]:.6f}, "
@@ -41,8 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no results.h5 in {args.run_dir} yet", file=sys.stderr)
         return 1
     while True:
-        print(describe(args.run_dir), flush=True)
-        if args.once or status.read(args.run_dir).get("state") in ("finished", "failed"):
+        try:
+            print(describe(args.run_dir), flush=True)
+        except ResultsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        if args.once or status.current(args.run_dir) not in ("running", "queued", status.REQUEUED):
             return 0
         time.sleep(args.every)
 

@@ -31,28 +31,13 @@ import time
 SIZES = {"1e4": (32, 4, 1), "1e5": (64, 8, 2), "4e5": (72, 12, 8)}
 LATTICE = 6
 PATHS = {"gather": "kernel_gather", "blocks": "kernel"}
-BASE_BYTES = 0.8e9  # Python, JAX runtime, MPI and compiled code: RSS of the smallest runs here
 
 
 def model_bytes(P: int, n_total: int, K: int, path: str, chunk: int) -> dict[str, float]:
-    """Bytes per rank (float64) that the kernel solve holds at its peak, by term:
-    X: 'blocks' holds its column block of all rows, 2 N_tot ceil(P/K) (one rank: all of X, built
-    and centred in place); 'gather' holds its own rows and all gathered rows, 2 N_tot P (1 + 1/K)
-    on K > 1 ranks; where that block is at most sr.GRAM_BLOCKS_MAX_BYTES, the symmetric Gram build
-    copies it once more (its row blocks);
-    chunk: the Jacobian rows of one chunk with their activations and re-sharded copy, 4 x chunk P;
-    kernel: T, T + lambda I and its Cholesky factor, 3 (2 N_tot)^2; plus BASE_BYTES."""
-    from pipeline.sr import GRAM_BLOCKS_MAX_BYTES
+    """The memory model of `pipeline.budget.sr_bytes` for one path, with the runtime's base."""
+    from pipeline.budget import BASE_BYTES, sr_bytes
 
-    m = 2 * n_total
-    if K == 1:
-        x = gram = m * P
-    elif path == "blocks":
-        x = gram = m * -(-P // K)
-    else:
-        x, gram = m * P * (1 + 1 / K), m * P / K  # the gather path builds row blocks, no Gram
-    x += gram if 8 * gram <= GRAM_BLOCKS_MAX_BYTES and (K == 1 or path == "blocks") else 0
-    terms = {"X": 8.0 * x, "chunk": 8.0 * 4 * chunk * P, "kernel": 8.0 * 3 * m * m}
+    terms = sr_bytes(P, n_total, K, PATHS[path] if path in PATHS else path, chunk)
     return terms | {"total": sum(terms.values()) + BASE_BYTES}
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline import results
+from pipeline.errors import ResultsError
 
 from conftest import ROOT, run_cli
 
@@ -103,7 +104,7 @@ def _history_until(run_dir, n_rows: int, timeout: int = 240) -> None:
         try:
             if len(results.read_history(os.path.join(run_dir, "results.h5"))["step"]) >= n_rows:
                 return
-        except (OSError, KeyError):
+        except (OSError, KeyError, ResultsError):
             pass
         time.sleep(0.1)
     raise AssertionError(f"{run_dir}: fewer than {n_rows} steps after {timeout} s")

@@ -20,7 +20,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from .. import rundir, status
+from .. import budget, rundir, status
 from ..config import Config, LauncherConfig, to_yaml, validate
 from ..errors import ConfigError, RunDirError
 
@@ -45,6 +45,7 @@ class SubmissionError(RuntimeError):
 def enqueue(cfg: DictConfig, run_dir: str) -> None:
     """Validate one point now (bad input fails before anything is submitted) and queue it."""
     c = validate(cfg, cfg.launcher.nodes * cfg.launcher.tasks_per_node)
+    budget.check(c, c.launcher.nodes * c.launcher.tasks_per_node, *budget.slurm_bytes(c))
     from hydra.core.hydra_config import HydraConfig
 
     overrides = tuple(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ()

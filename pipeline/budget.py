@@ -1,0 +1,130 @@
+"""Memory a run needs per rank, estimated from the config alone (nothing is built or allocated),
+so that a run that cannot fit is refused in a second with one line instead of failing after
+minutes of allocation.
+
+The estimate counts the large float64 arrays a step holds at once (`per_rank`): the SR terms (the
+Jacobian X or the S matrix, the kernel, one chunk of Jacobian rows: `sr_bytes`, which
+`scripts/bench_memory` checks against measured resident memory), the activations of one batch of
+local-energy evaluations, and the runtime's base. It is a lower bound of the peak, so it refuses
+only runs that surely do not fit.
+"""
+from __future__ import annotations
+
+import os
+
+from .config import Attention, Config, Solver, Symmetry
+from .errors import ConfigError
+
+BASE_BYTES = 0.8e9  # Python, JAX runtime, MPI and compiled code: RSS of the smallest runs here
+GRAM_BLOCKS_MAX_BYTES = 2 ** 30  # above this size of X the Gram block copies cost more than they save
+DENSE_MAX_PARAMS = 4096
+KERNEL_MAX_ROWS = 8192
+
+
+def choose_solver(solver: Solver | str, n_params: int, n_total: int,
+                  n_ranks: int = 1) -> tuple[str, str]:
+    """The concrete solver and why: 'auto' takes dense for small P, the kernel form when
+    parameters outnumber the 2 N_tot rows of X (and its 2N_tot x 2N_tot system is small enough),
+    CG otherwise. On K > 1 ranks the kernel form is distributed by parameter blocks."""
+    if solver != Solver.auto:
+        return str(solver), f"optimizer.solver={solver}"
+    rows = 2 * n_total
+    if n_params <= min(DENSE_MAX_PARAMS, rows):
+        return "dense", f"auto: P={n_params} <= min({DENSE_MAX_PARAMS}, 2 N_tot={rows})"
+    if n_params > rows and rows <= KERNEL_MAX_ROWS:
+        where = (f", X split by parameter blocks over {n_ranks} ranks ({n_params // n_ranks} "
+                 "columns each)" if n_ranks > 1 else "")
+        return "kernel", f"auto: P={n_params} > 2 N_tot={rows} <= {KERNEL_MAX_ROWS}{where}"
+    return "cg", f"auto: P={n_params}, 2 N_tot={rows}: neither dense nor kernel fits"
+
+
+def n_params(c: Config) -> int:
+    """The ViT's parameter count (as `models.n_params` of its initialized parameters)."""
+    m, b = c.model, c.lattice.patch
+    n, d = (c.lattice.L // b) ** 2, m.d
+    if m.attention == Attention.factored:
+        attention = 2 * d * d + m.heads * (n if m.translation_invariant else n * n)
+    else:
+        attention = 4 * d * d + m.heads * n
+    layer = 8 * d * d + 9 * d + attention  # 2 LayerNorms, attention, d -> 4d -> d MLP
+    return b * b * d + d + m.layers * layer + 2 * d + 2 * (d * d + d)
+
+
+def group_size(c: Config) -> int:
+    """Images per configuration under the symmetry projection (models.symmetry.group)."""
+    b = c.lattice.patch
+    return {Symmetry.none: 1, Symmetry.translations: b * b, Symmetry.full: 16 * b * b}[
+        c.model.symmetry]
+
+
+def sr_bytes(P: int, n_total: int, K: int, path: str, chunk: int) -> dict[str, float]:
+    """Bytes per rank (float64) that the SR solve holds at its peak, by term.
+    Kernel forms: X: 'kernel' holds its column block of all rows, 2 N_tot ceil(P/K) (one rank:
+    all of X, built and centred in place); 'kernel_gather' holds its own rows and all gathered
+    rows, 2 N_tot P (1 + 1/K) on K > 1 ranks; where that block is at most GRAM_BLOCKS_MAX_BYTES, the
+    symmetric Gram build copies it once more; chunk: the Jacobian rows of one chunk with their
+    activations and re-sharded copy, 4 chunk P; kernel: T, T + lambda I and its Cholesky factor,
+    3 (2 N_tot)^2. 'dense': S, its shifted copy and factor, 3 P^2, plus the local rows of X;
+    'cg': the local rows of X and their products."""
+    m, local = 2 * n_total, 2 * n_total // K
+    if path == "dense":
+        return {"X": 8.0 * local * P, "S": 8.0 * 3 * P * P}
+    if path == "cg":
+        return {"X": 8.0 * 2 * local * P}
+    if K == 1:
+        x = gram = m * P
+    elif path == "kernel":
+        x = gram = m * -(-P // K)
+    else:
+        x, gram = m * P * (1 + 1 / K), m * P / K  # the gather path builds row blocks, no Gram
+    x += gram if 8 * gram <= GRAM_BLOCKS_MAX_BYTES and (K == 1 or path == "kernel") else 0
+    return {"X": 8.0 * x, "chunk": 8.0 * 4 * chunk * P, "kernel": 8.0 * 3 * m * m}
+
+
+def per_rank(c: Config, K: int) -> dict[str, float]:
+    """Estimated peak bytes per rank by term, and their 'total' (with the runtime's base)."""
+    P, N = n_params(c), c.sampler.n_samples
+    solver, _ = choose_solver(c.optimizer.solver, P, N, K)
+    terms = sr_bytes(P, N, K, solver, c.model.chunk_size)  # chunk 0: X is built in one piece
+    sites = c.lattice.L ** 2
+    n, d, G = sites // c.lattice.patch ** 2, c.model.d, group_size(c)
+    connected = (N // K) * sites  # about half of the 2N (4N with J2) bonds are anti-aligned
+    batch = min(connected, c.model.chunk_size or connected) * G
+    per_config = n * 4 * d + (c.model.heads * n * n if c.model.attention == Attention.standard else 0)
+    terms["activations"] = 8.0 * batch * per_config
+    return terms | {"total": sum(terms.values()) + BASE_BYTES}
+
+
+def check(c: Config, K: int, available: float, where: str) -> None:
+    """ConfigError (one line) when the estimate exceeds `available` bytes per rank."""
+    need = per_rank(c, K)
+    if need["total"] > available:
+        big = max((k for k in need if k != "total"), key=need.__getitem__)
+        raise ConfigError(
+            f"the run needs at least {need['total'] / 1e9:.3g} GB per rank ({big}: "
+            f"{need[big] / 1e9:.3g} GB; P = {n_params(c)}, sampler.n_samples = "
+            f"{c.sampler.n_samples}, lattice.L = {c.lattice.L}, model.d = {c.model.d}, "
+            f"model.chunk_size = {c.model.chunk_size}) but {where} has {available / 1e9:.3g} GB: "
+            "use smaller values, a chunk size, or more ranks")
+
+
+def machine_bytes(ranks_here: int) -> tuple[float, str]:
+    """(bytes one rank may use on this machine, a description): the accelerator's memory when
+    JAX has one, else the physical memory shared by the ranks on this node."""
+    import jax
+
+    dev = jax.local_devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return float(stats["bytes_limit"]), f"{dev.device_kind} memory"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total / max(ranks_here, 1), f"this machine's memory / {ranks_here} rank(s) on it"
+
+
+def slurm_bytes(c: Config) -> tuple[float, str]:
+    """(bytes per rank, description) from launcher.mem_gb (per node) and tasks per node."""
+    la = c.launcher
+    return la.mem_gb * 1e9 / la.tasks_per_node, (
+        f"launcher.mem_gb={la.mem_gb} / {la.tasks_per_node} task(s) per node")
+
+
