@@ -49,6 +49,7 @@ def restore_or_fresh(driver: Driver, ckpt_dir: str) -> RunState:
     value = dist.root_decides(lambda: checkpoint.newest_good(
         ckpt_dir, *driver.templates(), _checker(driver.cfg), log=log.warning))
     if value is None:
+        dist.print0(f"no checkpoint in {ckpt_dir}: starting at step 0")
         return driver.fresh_state()
     n = driver.cfg.sampler.n_chains // dist.size()
     r = dist.rank()

@@ -47,7 +47,7 @@ from jax.flatten_util import ravel_pytree
 
 from . import dist
 from .budget import GRAM_BLOCKS_MAX_BYTES, choose_solver
-from .config import OptimizerConfig, Solver
+from .config import OptimizerConfig
 
 GRAM_BLOCKS = 4  # row blocks of X for the kernel X X^T: 10 of 16 block products are computed
 

@@ -141,3 +141,29 @@ def test_paper_experiments_run_two_steps_on_two_ranks(tmp_path, experiment: str,
     assert n == params
     assert "SR solver kernel" in out.stdout and "rank 1/2" in out.stdout
     assert "final: L=" in out.stdout
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["model=vit_standard"], ["model.translation_invariant=false", "model.layers=2"],
+    ["lattice.L=6", "lattice.patch=3", "model=vit_standard", "model.d=12", "model.heads=3"],
+])
+def test_memory_estimate_counts_the_model_parameters(overrides) -> None:
+    """budget.n_params (from the config alone) equals the initialized model's count."""
+    from pipeline import budget
+    from pipeline.system import System
+
+    c = validate(compose(overrides))
+    s = System.build(c)
+    assert budget.n_params(c) == s.n_params(s.init_params(0))
+
+
+def test_memory_estimate_refuses_what_cannot_fit_and_passes_the_default() -> None:
+    from pipeline import budget
+
+    budget.check(validate(compose([])), 1, 4e9, "a 4 GB rank")
+    with pytest.raises(ConfigError, match=r"needs at least .* \(X: .*model.d = 4096"):
+        budget.check(validate(compose(["model.d=4096"])), 1, 24e9, "this machine")
+    big = validate(compose(["+experiment=paper_10x10"]))
+    with pytest.raises(ConfigError, match="launcher.mem_gb=4.0"):
+        budget.check(big, 1, *budget.slurm_bytes(big))
+    budget.check(big, 16, 16e9, "a 16 GB GPU")  # the published run on 16 ranks fits

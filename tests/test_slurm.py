@@ -131,6 +131,27 @@ def test_usr2_requeues_and_resumes_identically(tmp_path) -> None:
     print(f"USR2 requeue: {time.monotonic() - t0:.1f} s")
 
 
+def test_scancel_checkpoints_and_cancels(tmp_path) -> None:
+    """A plain scancel (SIGTERM) stops the job for good after a checkpoint: not requeued."""
+    out = run_cli("launcher=slurm", *SMALL, "run.n_iter=400", f"hydra.run.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    (job_id,) = job_ids(out.stdout)
+    _history_until(tmp_path, 3)
+    subprocess.run(["scancel", job_id], check=True)
+    st = wait_state(tmp_path, states=("cancelled", "finished", "failed"), timeout=120)
+    assert st["state"] == "cancelled" and st["requeues"] == 0 and st["step"] >= 3, st
+    deadline, state = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        state = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
+                               capture_output=True, text=True).stdout
+        if any(s in state for s in ("CANCELLED", "COMPLETED", "FAILED")):
+            break
+        time.sleep(1)
+    assert "CANCELLED" in state, state
+    time.sleep(5)
+    assert status_of(tmp_path)["state"] == "cancelled"  # nothing came back
+
+
 def steps_lasting(seconds: float, tmp_path) -> int:
     """How many SMALL steps take `seconds` of wall-clock time in a SLURM job on this machine
     (measured by a short job with the same resources, so the time-limit test needs a requeue on a
@@ -200,7 +221,7 @@ def test_unwritable_submitit_folder_is_refused(tmp_path) -> None:
     (tmp_path / "blocker").write_text("a file")
     out = run_cli("launcher=slurm", "launcher.folder=blocker/submitit", *SMALL,
                   f"hydra.run.dir={tmp_path}")
-    assert out.returncode == 2 and "is not writable" in out.stderr and not job_ids(out.stdout)
+    assert out.returncode == 2 and "cannot be used" in out.stderr and not job_ids(out.stdout)
 
 
 def test_bad_config_is_refused_at_submission(tmp_path) -> None:
