@@ -4,13 +4,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
-import jax
+# JAX's persistent compilation cache, for this process and every job the tests start (they
+# inherit the environment, also through mpirun and SLURM): the many small runs of the suite, and
+# the restarts of the fault tests, reuse compiled steps instead of compiling each time. Results
+# are the same compiled code either way; the tracing caches that test_compilation counts are not
+# affected.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "vitnqs-test-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402
 import pytest
 
-import pipeline  # noqa: F401  (enables float64)
-from pipeline.config import Config, validate
-from pipeline.system import System
+import pipeline  # noqa: F401,E402  (enables float64)
+from pipeline.config import Config, validate  # noqa: E402
+from pipeline.system import System  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable

@@ -25,7 +25,6 @@ from test_jobs import SMALL, job
 
 N_KILL = 30  # steps of the killed runs
 KILLS = int(os.environ.get("VITNQS_KILLS", "10"))
-CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), "vitnqs-test-jax-cache")
 TIMING = ("seconds", "t_sample", "t_energy", "t_sr")
 
 
@@ -64,14 +63,6 @@ def _rows(run_dir) -> int:
         return 0
 
 
-def cached_compilation() -> dict[str, str]:
-    """The environment for jobs that reuse compiled code across restarts (JAX's persistent
-    compilation cache), so that ten restarts cost seconds each, not a compilation each."""
-    return os.environ | {"PYTHONUNBUFFERED": "1", "JAX_COMPILATION_CACHE_DIR": CACHE,
-                         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
 def _rank_pids(run_dir) -> list[int]:
     """The Python processes (MPI ranks) of the job running in run_dir."""
     pids = []
@@ -98,7 +89,7 @@ def kill_repeatedly(run_dir, extra: list[str], launcher: tuple[str, ...], kills:
     again, `kills` times; each restart must resume losing at most one checkpoint interval."""
     args = [*launcher, PYTHON, "-m", "pipeline", *SMALL, *extra, f"run.n_iter={N_KILL}",
             f"hydra.run.dir={run_dir}"]
-    env = cached_compilation()
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}  # with conftest's compilation cache
     done, floor = 0, 0
     while done < kills:
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -138,7 +129,7 @@ def test_kill9_at_random_moments_resumes_bit_identically(tmp_path, ranks: int) -
     extra = ["checkpoint.every_steps=1"]
     launcher = mpirun(ranks) if ranks > 1 else ()
     ref = run_cli(*SMALL, *extra, f"run.n_iter={N_KILL}", f"hydra.run.dir={tmp_path / 'ref'}",
-                  launcher=launcher, env=cached_compilation())
+                  launcher=launcher)
     assert ref.returncode == 0, ref.stderr
     kill_repeatedly(str(tmp_path / "killed"), extra, launcher, KILLS, rng)
     assert_identical(tmp_path / "ref", tmp_path / "killed")
