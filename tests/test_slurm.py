@@ -205,7 +205,7 @@ def test_failing_job_reports_its_error_and_is_not_requeued(tmp_path) -> None:
 
 @pytest.mark.parametrize("override,message", [
     ("launcher.partition=nosuch", "SLURM refuses the launcher resources"),
-    ("launcher.tasks_per_node=64", "SLURM refuses the launcher resources"),
+    ("launcher.tasks_per_node=64", "the run needs at least"),  # 4 GB / 64 tasks: the estimate
     ("launcher.mem_gb=100000", "SLURM refuses the launcher resources"),
 ])
 def test_impossible_submissions_are_refused_whole(tmp_path, override: str, message: str) -> None:
