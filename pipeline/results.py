@@ -138,11 +138,11 @@ def prepare(path: str, attrs: Mapping[str, object], step: int, n_iter: int) -> b
     if old is not None and step == 0 and old.final:
         raise ResultsError(f"results file {path} holds a finished run but there is no checkpoint "
                            "to resume from; use another hydra.run.dir")
-    c = old if old is not None else Content()
     if step > 0:
+        c = old if old is not None else Content()
         check_history(path, c, step)
-    c.cut_history(step)
-    if step == 0:  # an attempt killed before its first checkpoint: start the file over
+        c.cut_history(step)
+    else:  # a new run, or an attempt killed before its first checkpoint: start the file over
         c = Content()
     for name in HISTORY:
         c.datasets.setdefault(f"history/{name}", (np.zeros(0, DTYPES[name]), {}))
