@@ -20,12 +20,13 @@ import yaml
 from omegaconf import DictConfig
 
 from . import budget, checkpoint, dist, provenance, rundir, status
+from .analysis import AttentionProbe
 from .config import Config, config_differences, to_yaml, validate
 from .driver import Driver, RunState, StopRun
 from .errors import CheckpointIncompatible, RefusedRun, WriteFailed
 from .hooks import CheckpointHook, ProgressHook, ResultsHook, SignalHook, StepLimitHook
 from .report import reference_energy, summary, with_reference
-from .results import prepare as prepare_results
+from .results import HISTORY_TABLES, prepare as prepare_results
 from .sr import SRState
 from .state import VariationalState
 from .system import System
@@ -51,13 +52,19 @@ def restore_or_fresh(driver: Driver, ckpt_dir: str) -> RunState:
     if value is None:
         dist.print0(f"no checkpoint in {ckpt_dir}: starting at step 0")
         return driver.fresh_state()
-    n = driver.cfg.sampler.n_chains // dist.size()
-    r = dist.rank()
-    params, sr_state = jax.tree_util.tree_map(jnp.asarray, (value.params, value.opt_state))
     dist.print0(f"resumed from step {value.step} ({ckpt_dir})")
     log.info("resumed from step %d", value.step)
-    vstate = VariationalState(driver.system, params, jnp.asarray(value.chains[r * n:(r + 1) * n]))
-    return RunState(value.step, vstate, SRState(*sr_state), value.rollbacks)
+    sr_state = jax.tree_util.tree_map(jnp.asarray, value.opt_state)
+    return RunState(value.step, restore_vstate(driver.system, value), SRState(*sr_state),
+                    value.rollbacks)
+
+
+def restore_vstate(system: System, snap: checkpoint.Snapshot) -> VariationalState:
+    """The checkpoint's parameters and this rank's share of its chains (global chain order)."""
+    n = system.cfg.sampler.n_chains // dist.size()
+    r = dist.rank()
+    params = jax.tree_util.tree_map(jnp.asarray, snap.params)
+    return VariationalState(system, params, jnp.asarray(snap.chains[r * n:(r + 1) * n]))
 
 
 class _QuietFileHandler(logging.FileHandler):
@@ -139,7 +146,9 @@ def _train(c: Config, run_dir: str, progress_bar: bool, me: dict, overrides: lis
     attrs = {"config": config_yaml, "versions": yaml.safe_dump(meta["versions"]),
              "code_version": meta["code_version"], "n_ranks": dist.size(), "seed": c.run.seed,
              "n_params": driver.n_params, "solver": driver.solver}
-    results = ResultsHook(results_path, reference)
+    probe = (AttentionProbe(system.model, system.lattice.patch_displacement, c.sampler.n_chains)
+             if c.model.layers and c.analysis.every_steps else None)
+    results = ResultsHook(results_path, reference, c.run.n_iter, probe, c.analysis.every_steps)
     signals = SignalHook(ck)
     driver.hooks = [ProgressHook(c.run.n_iter, bar=progress_bar), results, ck, signals]
     if c.run.steps_per_job:
@@ -150,7 +159,8 @@ def _train(c: Config, run_dir: str, progress_bar: bool, me: dict, overrides: lis
     log.info("SR solver %s: %s", driver.solver, driver.preconditioner.reason)
     state = restore_or_fresh(driver, ck.directory)
     finished = dist.root_decides(
-        lambda: prepare_results(results_path, attrs, state.step, c.run.n_iter))
+        lambda: prepare_results(results_path, attrs, state.step, c.run.n_iter,
+                                HISTORY_TABLES | (probe.tables if probe else {})))
     if finished:
         dist.print0(f"already finished at step {state.step} ({results_path} holds /final); "
                     "nothing to do")

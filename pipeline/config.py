@@ -114,6 +114,11 @@ class OptimizerConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    every_steps: int = 25  # attention maps of the chains into results.h5 /attention (0: off)
+
+
+@dataclass
 class RunConfig:
     n_iter: int = 300
     seed: int = 0
@@ -157,6 +162,7 @@ class Config:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
@@ -228,8 +234,13 @@ def validate(cfg: DictConfig | Config, n_ranks: int = 1) -> Config:
     _require(m.heads >= 1, "model.heads", m.heads, "must be >= 1")
     _require(m.d % m.heads == 0, "model.heads", m.heads, f"does not divide model.d={m.d}")
     _require(m.layers >= 0, "model.layers", m.layers, "must be >= 0")
-    _require(m.symmetry != Symmetry.full or lat.kind == LatticeKind.square, "model.symmetry",
-             str(m.symmetry), "'full' projection needs lattice.kind=square")
+    if lat.kind == LatticeKind.shastry_sutherland:  # only shifts by even vectors keep the dimers
+        _require(m.symmetry == Symmetry.none, "model.symmetry", str(m.symmetry),
+                 "projects over shifts by one site (and rotations), which move the "
+                 "Shastry-Sutherland dimers onto empty plaquettes; use model.symmetry=none")
+        _require(lat.patch % 2 == 0, "lattice.patch", lat.patch,
+                 "an odd patch makes the ViT invariant under shifts by an odd number of sites, "
+                 "which are not symmetries of the Shastry-Sutherland dimers; use an even patch")
     _require(m.chunk_size >= 0, "model.chunk_size", m.chunk_size, "must be >= 0")
     for name in ("n_samples", "n_chains", "n_samples_final"):
         _require(getattr(s, name) > 0, f"sampler.{name}", getattr(s, name), "must be positive")
@@ -251,6 +262,8 @@ def validate(cfg: DictConfig | Config, n_ranks: int = 1) -> Config:
     _require(0 <= r.seed < SEED_LIMIT, "run.seed", r.seed, "must be in [0, 2^63)")
     _require(r.steps_per_job >= 0, "run.steps_per_job", r.steps_per_job, "must be >= 0")
     _require(r.max_rollbacks >= 0, "run.max_rollbacks", r.max_rollbacks, "must be >= 0")
+    _require(c.analysis.every_steps >= 0, "analysis.every_steps", c.analysis.every_steps,
+             "must be >= 0 (0: off)")
     _require(ck.every_steps > 0, "checkpoint.every_steps", ck.every_steps, "must be positive")
     _require(ck.every_minutes > 0, "checkpoint.every_minutes", ck.every_minutes, "must be positive")
     _require(ck.keep >= 1, "checkpoint.keep", ck.keep, "must be >= 1")
@@ -270,7 +283,7 @@ def to_yaml(c: Config) -> str:
 # ---- resume: which differences from the checkpoint's config are allowed --------------------------
 # Keys that may differ from the checkpoint's config on resume without run.allow_changed: they
 # change neither the model nor the trajectory.
-ALWAYS_CHANGEABLE = ("checkpoint.", "launcher.", "model.chunk_size", "sampler.n_samples_final",
+ALWAYS_CHANGEABLE = ("analysis.", "checkpoint.", "launcher.", "model.chunk_size", "sampler.n_samples_final",
                      "run.allow_changed", "run.max_rollbacks", "run.steps_per_job")
 
 

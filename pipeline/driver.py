@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import dist, measure
+from . import dist, observables
 from .records import StepRecord
 from .sampler import STEP
 from .sr import Preconditioner, SRState
@@ -138,7 +138,7 @@ class Driver:
                 snapshot = state
             for h in self.hooks:
                 h.on_step_end(state, record)
-        final = measure.energy(state.vstate, self.cfg.sampler.n_samples_final, state.step)
+        final = observables.energy(state.vstate, self.cfg.sampler.n_samples_final, state.step)
         for h in self.hooks:
             h.on_run_end(state, final)
         return state, final

@@ -82,3 +82,29 @@ def reference_energy(L: int, J2: float) -> tuple[float, bool, str] | None:
     rows.sort(key=lambda r: (-int(r["exact"]), float(r["energy_per_site"])))
     r = rows[0]
     return float(r["energy_per_site"]), bool(int(r["exact"])), f'{r["method"]}: {r["source"]}'
+
+
+def apply_exchange(vec: np.ndarray, states: np.ndarray, n_sites: int, i: int, j: int,
+                   sign: float) -> np.ndarray:
+    """(S_i . S_j) vec on the Sz = 0 basis, with `sign` on the exchange term (the Marshall sign
+    between sublattices when the basis is rotated, else 1)."""
+    s = configs(states, n_sites)
+    out = s[:, i] * s[:, j] / 4 * vec
+    differ = np.nonzero(s[:, i] != s[:, j])[0]
+    partner = np.searchsorted(states, states[differ] ^ ((1 << i) | (1 << j)))
+    out = out.astype(np.result_type(vec, float))
+    out[differ] += sign / 2 * vec[partner]
+    return out
+
+
+def correlation_matrix(vec: np.ndarray, states: np.ndarray, n_sites: int,
+                       signs: np.ndarray) -> np.ndarray:
+    """(N, N) exact <S_i . S_j> of the state `vec` (normalized here); signs as in
+    `observables.pair_signs`."""
+    v = vec / np.linalg.norm(vec)
+    g = np.full((n_sites, n_sites), 0.75)
+    for i in range(n_sites):
+        for j in range(i + 1, n_sites):
+            g[i, j] = g[j, i] = np.vdot(v, apply_exchange(v, states, n_sites, i, j,
+                                                          signs[i, j])).real
+    return g

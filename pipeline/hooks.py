@@ -14,6 +14,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from . import checkpoint, dist, status
+from .analysis import AttentionProbe
 from .driver import RunState, StopRun
 from .records import StepRecord
 from .report import with_reference
@@ -72,24 +73,47 @@ class ProgressHook(BaseHook):
 
 class ResultsHook(BaseHook):
     """Rank 0 appends each step to results.h5 (made ready by `results.prepare`) and writes /final
-    at the end (with the reference energy the reporting layer looked up: `report.with_reference`)."""
+    at the end (with the reference energy the reporting layer looked up: `report.with_reference`).
 
-    def __init__(self, path: str, reference: float | None) -> None:
-        self.path, self.reference, self.writer = path, reference, None
+    With a `probe` (`analysis.AttentionProbe`), every rank also measures the attention maps at the
+    start of every `every`-th step (the parameters of that step's history row, on the chains it
+    starts from) and at the end, and rank 0 appends them to /attention. A resumed or rolled-back
+    run measures its first step again, so the rows match an uninterrupted run's bit for bit."""
+
+    def __init__(self, path: str, reference: float | None, n_iter: int,
+                 probe: AttentionProbe | None = None, every: int = 0) -> None:
+        self.path, self.reference, self.n_iter, self.writer = path, reference, n_iter, None
+        self.probe, self.every = (probe, every) if every > 0 else (None, 0)
+
+    def _measure(self, state: RunState, due: bool) -> None:
+        if self.probe is None or not due:
+            return
+        row = self.probe(state.vstate.params, state.vstate.chains)
+        log.info("attention maps at step %d: %.3fs", state.step, self.probe.seconds)
+        if self.writer:
+            self.writer.append_row("attention", {"step": state.step, **row,
+                                                 "seconds": self.probe.seconds})
+
+    def _due(self, state: RunState) -> bool:
+        return state.step % self.every == 0 and state.step < self.n_iter if self.every else False
 
     def on_run_start(self, state: RunState) -> None:
         if dist.is_root():
             self.writer = ResultsWriter(self.path)
+        self._measure(state, self._due(state))
 
     def on_step_end(self, state: RunState, record: StepRecord) -> None:
         if self.writer:
             self.writer.append(record)
+        self._measure(state, self._due(state))
 
     def on_rollback(self, state: RunState) -> None:
         if self.writer:
             self.writer.truncate(state.step)
+        self._measure(state, self._due(state))
 
     def on_run_end(self, state: RunState, final: dict) -> None:
+        self._measure(state, True)
         if self.writer:
             self.writer.finish(with_reference(final, self.reference) | {"step": state.step})
 

@@ -2,18 +2,26 @@
 and its final measurement.
 
 Layout (an interface users script against):
-  /                 attrs: n_params, config (resolved YAML), units, versions, code_version, n_ranks
+  /                 attrs: n_params, config (resolved YAML), units, versions, code_version, n_ranks,
+                    format_version
   /history/<field>  1-D datasets, one row per step: the fields of `records.StepRecord`, in its
                     order and with its documentation; energies per site in S.S units
+  /attention/<field> attention maps on the chains every analysis.every_steps steps and at the
+                    end (models with layers; see `analysis`): step (rows,), dependence (rows,
+                    layers, heads), profile (rows, layers, heads, n), mean_map (rows, layers,
+                    heads, n, n); n = number of patches
   /final            attrs: step, energy_per_site, energy_error, variance_per_site, v_score,
                     reference_energy_per_site, relative_error, n_samples, r_hat, acceptance
+  /measurements/<name>  written by `python -m pipeline.measure` (see `measure`)
 
 Readers open it with h5py.File(path, "r", swmr=True) while the job runs, or with `load` here,
 which also reads files whose writer was killed and never hangs on a damaged one.
 Only rank 0 writes. The file is only ever replaced whole (written next to it, then renamed) or
 appended to: a new run creates it, a resume rebuilds it from the rows below the resume step
 (`prepare`), and /final is added by rewriting it (`ResultsWriter.finish`); in between, rows are
-appended in SWMR mode, so a kill at any moment leaves a file `load` can read.
+appended in SWMR mode, so a kill at any moment leaves a file `load` can read. The growing groups
+(/history, /attention) each carry a `step` dataset; resuming and rolling back cut all of them at
+the same step.
 """
 from __future__ import annotations
 
@@ -31,8 +39,13 @@ from . import hdf5
 from .errors import ResultsError
 from .records import DTYPES, HISTORY, StepRecord
 
+FORMAT_VERSION = 2  # 2: /attention and /measurements; readers refuse newer files with one line
 UNITS = "energies per site in S.S units (H = J1 sum S_i.S_j + J2 sum S_i.S_j); variance = Var(E_loc)/N"
-GROWING = ("history",)  # groups whose datasets grow by rows while the job runs
+GROWING = ("history", "attention")  # groups whose datasets grow by rows while the job runs
+# name -> (dtype, row shape) of every growing dataset, e.g. "history/energy": (float64, ())
+Tables = Mapping[str, tuple[type, tuple[int, ...]]]
+HISTORY_TABLES: dict[str, tuple[type, tuple[int, ...]]] = {
+    f"history/{name}": (DTYPES[name], ()) for name in HISTORY}
 log = logging.getLogger("vitnqs")
 
 
@@ -48,31 +61,38 @@ class Content:
 
     @property
     def history(self) -> dict[str, np.ndarray]:
-        return {k.split("/", 1)[1]: a for k, (a, _) in self.datasets.items()
-                if k.startswith("history/")}
+        return self.group("history")
 
     @property
     def final(self) -> dict:
         return dict(self.groups.get("final", {}))
 
-    def cut_history(self, keep_steps_below: int) -> None:
-        """Drop the rows with step >= keep_steps_below."""
-        steps = self.history.get("step", np.zeros(0, np.int64))
-        n = int(np.searchsorted(steps, keep_steps_below))
-        for k, (a, attrs) in list(self.datasets.items()):
-            if k.startswith("history/"):
-                self.datasets[k] = (a[:n], attrs)
+    def group(self, name: str) -> dict[str, np.ndarray]:
+        """The datasets of one group, by field name."""
+        return {k[len(name) + 1:]: a for k, (a, _) in self.datasets.items()
+                if k.startswith(name + "/")}
+
+    def cut(self, keep_steps_below: int) -> None:
+        """Drop the rows with step >= keep_steps_below from every growing group."""
+        for g in GROWING:
+            steps = self.group(g).get("step", np.zeros(0, np.int64))
+            n = int(np.searchsorted(steps, keep_steps_below))
+            for k, (a, attrs) in list(self.datasets.items()):
+                if k.startswith(g + "/"):
+                    self.datasets[k] = (a[:n], attrs)
 
     def write(self, path: str) -> None:
-        """Replace `path` with this content (atomically); history datasets stay growable and carry
-        a Fletcher-32 checksum per chunk, so damaged rows fail to read instead of reading wrong."""
+        """Replace `path` with this content (atomically); growing datasets stay growable (chunks of
+        at most 256 rows and about 1 MiB) and carry a Fletcher-32 checksum per chunk, so damaged
+        rows fail to read instead of reading wrong."""
         def fill(f: h5py.File) -> None:
             f.attrs.update(self.attrs)
             for name, attrs in self.groups.items():
                 f.require_group(name).attrs.update(attrs)
             for name, (a, attrs) in self.datasets.items():
                 growing = name.split("/", 1)[0] in GROWING
-                ds = f.create_dataset(name, data=a, chunks=(256,) + a.shape[1:] if growing else None,
+                rows = max(1, min(256, 2 ** 20 // max(a.itemsize * int(np.prod(a.shape[1:])), 1)))
+                ds = f.create_dataset(name, data=a, chunks=(rows,) + a.shape[1:] if growing else None,
                                       maxshape=(None,) + a.shape[1:] if growing else None,
                                       fletcher32=growing)  # damaged rows fail to read
                 ds.attrs.update(attrs)
@@ -120,10 +140,12 @@ def check_history(path: str, c: Content, step: int) -> None:
             "results.h5, or move checkpoints/ away to start over.")
 
 
-def prepare(path: str, attrs: Mapping[str, object], step: int, n_iter: int) -> bool:
+def prepare(path: str, attrs: Mapping[str, object], step: int, n_iter: int,
+            tables: Tables = HISTORY_TABLES) -> bool:
     """Make `path` the results file of a run (re)starting at `step`: a new file at step 0 (an
     unfinished earlier attempt's rows are dropped), else the existing file rebuilt with the rows
-    below `step`, attributes updated and /final kept. Returns True, touching nothing, when the
+    below `step`, attributes updated and /final kept; every growing dataset of `tables` exists
+    afterwards (SWMR appends cannot create datasets). Returns True, touching nothing, when the
     file holds the finished run (/final of step `step` >= n_iter). Refuses, with one line, a
     missing file on resume, a history that does not end at step - 1, or a finished run without
     checkpoints."""
@@ -141,14 +163,15 @@ def prepare(path: str, attrs: Mapping[str, object], step: int, n_iter: int) -> b
     if step > 0:
         c = old if old is not None else Content()
         check_history(path, c, step)
-        c.cut_history(step)
+        c.cut(step)
     else:  # a new run, or an attempt killed before its first checkpoint: start the file over
         c = Content()
-    for name in HISTORY:
-        c.datasets.setdefault(f"history/{name}", (np.zeros(0, DTYPES[name]), {}))
-    c.groups.setdefault("history", {})
+    for name, (dtype, shape) in tables.items():
+        c.datasets.setdefault(name, (np.zeros((0,) + tuple(shape), dtype), {}))
+        c.groups.setdefault(name.split("/", 1)[0], {})
     c.attrs.update(attrs)
     c.attrs["units"] = UNITS
+    c.attrs["format_version"] = FORMAT_VERSION
     if old is not None and old.left_open:
         log.warning("results file %s had been left open by a killed writer: rebuilt from its "
                     "rows below step %d", path, step)
@@ -157,7 +180,7 @@ def prepare(path: str, attrs: Mapping[str, object], step: int, n_iter: int) -> b
 
 
 class ResultsWriter:
-    """Appends one row per step to /history of a file `prepare` made; `finish` writes /final."""
+    """Appends rows to the growing groups of a file `prepare` made; `finish` writes /final."""
 
     def __init__(self, path: str) -> None:
         """Open `path` for SWMR writing in one call, so no moment leaves it open without SWMR."""
@@ -170,21 +193,28 @@ class ResultsWriter:
             raise ResultsError(f"cannot open results file {path} for writing ({e})") from e
 
     def append(self, record: StepRecord) -> None:
-        hist = self.f["history"]
-        for name, value in record.as_dict().items():
-            ds = hist[name]
+        self.append_row("history", record.as_dict())
+
+    def append_row(self, group: str, row: Mapping[str, object]) -> None:
+        """One row (field -> value or array of the row shape) at the end of each dataset."""
+        g = self.f[group]
+        for name, value in row.items():
+            ds = g[name]
             n = ds.shape[0]
-            ds.resize((n + 1,))
+            ds.resize((n + 1,) + ds.shape[1:])
             ds[n] = value
             ds.flush()
 
     def truncate(self, step: int) -> None:
-        """Drop rows with step >= `step` (after a rollback)."""
-        hist = self.f["history"]
-        n = int(np.searchsorted(hist["step"][...], step))
-        for name in HISTORY:
-            hist[name].resize((n,))
-            hist[name].flush()
+        """Drop rows with step >= `step` from every growing group (after a rollback)."""
+        for group in GROWING:
+            if group not in self.f:
+                continue
+            g = self.f[group]
+            n = int(np.searchsorted(g["step"][...], step))
+            for ds in g.values():
+                ds.resize((n,) + ds.shape[1:])
+                ds.flush()
 
     def close(self) -> None:
         if self.f.id.valid:

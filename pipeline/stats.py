@@ -32,11 +32,25 @@ def energy_stats(eloc: jax.Array, n_per_chain: int, n_chains_total: int) -> Stat
     mean = _global_mean(eloc, n_total)
     variance = _global_mean(jnp.abs(eloc - mean) ** 2, n_total)
     per_chain = eloc.real.reshape(n_per_chain, -1)
-    chain_means = per_chain.mean(axis=0)
-    var_means = (_global_mean((chain_means - mean.real) ** 2, n_chains_total)
-                 * n_chains_total / max(n_chains_total - 1, 1))
-    error = jnp.sqrt(var_means / n_chains_total)
+    error = _chain_error(per_chain, mean.real, n_chains_total)
     return Stats(mean, error, variance, _split_r_hat(per_chain, n_chains_total))
+
+
+def _chain_error(per_chain: jax.Array, mean: jax.Array, n_chains_total: int) -> jax.Array:
+    """Standard error of `mean` from the spread of the chain means of (S, C_local, ...) values."""
+    chain_means = per_chain.mean(axis=0)
+    var_means = (_global_mean((chain_means - mean) ** 2, n_chains_total)
+                 * n_chains_total / max(n_chains_total - 1, 1))
+    return jnp.sqrt(var_means / n_chains_total)
+
+
+def mean_and_error(values: jax.Array, n_per_chain: int, n_chains_total: int
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Mean and chain-blocked standard error over all ranks of sample-major real values
+    (S * C_local, ...) of any shape; call inside jit (uses all-reduces)."""
+    mean = _global_mean(values, n_per_chain * n_chains_total)
+    per_chain = values.reshape(n_per_chain, -1, *values.shape[1:])
+    return mean, _chain_error(per_chain, mean, n_chains_total)
 
 
 def _split_r_hat(x: jax.Array, n_chains_total: int) -> jax.Array:

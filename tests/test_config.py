@@ -48,6 +48,13 @@ BAD = [
     ({"launcher.kind": "pbs"}, "launcher.kind='pbs'"),
     ({"launcher.tasks_per_node": 0}, "launcher.tasks_per_node=0"),
     ({"launcher.mem_gb": 0.0}, "launcher.mem_gb=0.0"),
+    ({"analysis.every_steps": -1}, "analysis.every_steps=-1: must be >= 0"),
+    ({"lattice.kind": "shastry_sutherland", "model.symmetry": "translations"},
+     "model.symmetry='translations': projects over shifts by one site"),
+    ({"lattice.kind": "shastry_sutherland", "model.symmetry": "full"}, "model.symmetry='full'"),
+    ({"lattice.kind": "shastry_sutherland", "lattice.L": 6, "lattice.patch": 3},
+     "lattice.patch=3: an odd patch makes the ViT invariant under shifts by an odd number"),
+    ({"lattice.kind": "shastry_sutherland", "lattice.patch": 1}, "lattice.patch=1: an odd patch"),
 ]
 
 
@@ -71,7 +78,8 @@ def _compose(*overrides: str):
 
 @pytest.mark.parametrize("group,options", [
     ("model", ["vit_factored", "vit_standard"]), ("lattice", ["square", "shastry_sutherland"]),
-    ("launcher", ["local", "slurm"]), ("experiment", ["bench_4x4", "paper_4x4", "paper_6x6", "paper_8x8", "paper_10x10", "size_sweep"])])
+    ("launcher", ["local", "slurm"]), ("experiment", ["attention_study", "bench_4x4", "paper_4x4", "paper_6x6", "paper_8x8",
+                    "paper_10x10", "shastry_sutherland", "size_sweep"])])
 def test_every_config_composes_and_validates(group: str, options: list[str]) -> None:
     on_disk = sorted(f[:-5] for f in os.listdir(os.path.join(conf_dir(), group)) if f.endswith(".yaml"))
     assert on_disk == sorted(options)
@@ -96,7 +104,8 @@ def test_cli_reports_bad_input_in_one_line_before_computing(tmp_path) -> None:
     assert not os.path.exists(tmp_path / "run" / "results.h5")
 
 
-@pytest.mark.parametrize("experiment", ["bench_4x4", "paper_4x4", "paper_6x6", "size_sweep"])
+@pytest.mark.parametrize("experiment", ["attention_study", "bench_4x4", "paper_4x4", "paper_6x6",
+                                        "shastry_sutherland", "size_sweep"])
 def test_every_experiment_runs_two_steps(experiment: str) -> None:
     from pipeline.driver import Driver
     from pipeline.system import System

@@ -25,7 +25,7 @@ from test_jobs import SMALL, job
 
 N_KILL = 30  # steps of the killed runs
 KILLS = int(os.environ.get("VITNQS_KILLS", "10"))
-TIMING = ("seconds", "t_sample", "t_energy", "t_sr")
+TIMING = ("seconds", "t_sample", "t_energy", "t_sr")  # also /attention/seconds
 
 
 def digest(path) -> str:
@@ -41,12 +41,15 @@ def one_line_error(out: subprocess.CompletedProcess, code: int, text: str) -> No
 
 
 def assert_identical(a, b) -> None:
-    """Same history (every field but timings), final measurement and last parameters, bit for bit."""
+    """Same history and attention rows (every field but timings), final measurement and last
+    parameters, bit for bit."""
     ra, rb = results.load(os.path.join(a, "results.h5")), results.load(os.path.join(b, "results.h5"))
-    ha, hb = ra.history, rb.history
-    for key in ha:
-        if key not in TIMING:
-            np.testing.assert_array_equal(hb[key], ha[key], err_msg=key)
+    for group in ("history", "attention"):
+        ga, gb = ra.group(group), rb.group(group)
+        assert set(ga) == set(gb), group
+        for key in ga:
+            if key not in TIMING:
+                np.testing.assert_array_equal(gb[key], ga[key], err_msg=f"{group}/{key}")
     assert ra.final and ra.final == rb.final
     pa = checkpoint.list_checkpoints(os.path.join(a, "checkpoints"))[0]
     pb = checkpoint.list_checkpoints(os.path.join(b, "checkpoints"))[0]
@@ -126,13 +129,15 @@ def test_kill9_at_random_moments_resumes_bit_identically(tmp_path, ranks: int) -
     seed = int(os.environ.get("VITNQS_FAULT_SEED", random.randrange(2 ** 32)))
     print(f"fault seed {seed} (VITNQS_FAULT_SEED={seed} repeats this test), {ranks} rank(s)")
     rng = random.Random(seed)
-    extra = ["checkpoint.every_steps=1"]
+    extra = ["checkpoint.every_steps=1", "model=vit_standard", "analysis.every_steps=7"]
     launcher = mpirun(ranks) if ranks > 1 else ()
     ref = run_cli(*SMALL, *extra, f"run.n_iter={N_KILL}", f"hydra.run.dir={tmp_path / 'ref'}",
                   launcher=launcher)
     assert ref.returncode == 0, ref.stderr
     kill_repeatedly(str(tmp_path / "killed"), extra, launcher, KILLS, rng)
     assert_identical(tmp_path / "ref", tmp_path / "killed")
+    steps = results.load(os.path.join(tmp_path, "ref", "results.h5")).group("attention")["step"]
+    np.testing.assert_array_equal(steps, [0, 7, 14, 21, 28, 30])
 
 
 # ---- damaged, foreign and stale files ----------------------------------------------------------

@@ -23,7 +23,8 @@ class FactoredAttention(nn.Module):
     """A_i = sum_j alpha_ij V_j with learned position-only weights (no queries, no keys, no softmax).
 
     translation_invariant: alpha_ij = alpha(r_i - r_j) (heads x n parameters), otherwise a free
-    (heads x n x n) table.
+    (heads x n x n) table. The (heads, n, n) weights are sown as 'attention' like the standard
+    kind's maps, without a batch axis: they do not depend on the input.
     """
 
     heads: int
@@ -39,6 +40,7 @@ class FactoredAttention(nn.Module):
             alpha = a[:, self.displacement]
         else:
             alpha = self.param("alpha", init, (self.heads, n, n), DT)
+        self.sow("intermediates", "attention", alpha)  # (heads, n, n): the same for every input
         v = _split_heads(nn.Dense(d, use_bias=False, param_dtype=DT, name="W_V")(x), self.heads)
         out = jnp.einsum("hij,...jhk->...ihk", alpha, v).reshape(*x.shape[:-1], d)
         return nn.Dense(d, use_bias=False, param_dtype=DT, name="W_O")(out)
@@ -48,7 +50,7 @@ class StandardAttention(nn.Module):
     """softmax_j(q_i.k_j / sqrt(d/h) + B(r_i - r_j)) V_j with a learned relative-position bias.
 
     The attention maps (..., heads, n, n) are sown into the 'intermediates' collection as
-    'attention' for the input-dependence diagnostic.
+    'attention' for the input-dependence diagnostic (`pipeline.analysis`).
     The bias starts random, not zero: a zero bias starts from uniform attention and trains slowly.
     """
 
