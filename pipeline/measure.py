@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burn-in", type=int)
     ap.add_argument("--name")
     ap.add_argument("launcher", nargs="*", help="launcher=slurm and launcher.KEY=VALUE")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     from .launch.slurm import SubmissionError
 
     req = Request(os.path.abspath(args.run_dir), args.symmetry, args.n_samples, args.seed,

@@ -82,6 +82,43 @@ def test_sweep_runs_as_a_job_array(tmp_path) -> None:
     print(f"array sweep: {time.monotonic() - t0:.1f} s")
 
 
+def test_attention_study_sweep_runs_on_slurm(tmp_path) -> None:
+    """The paper's comparison as one job array (here only L = 4 and 2 steps): both kinds, with
+    their attention maps."""
+    out = run_cli("-m", "+experiment=attention_study", "launcher=slurm", "launcher.wait=true",
+                  "lattice.L=4", "run.n_iter=2", "sampler.n_samples=64", "sampler.n_chains=64",
+                  "sampler.n_samples_final=64", "sampler.n_thermalize=2", "model.d=8",
+                  f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    ids = job_ids(out.stdout)
+    assert len(ids) == 2 and ids[0].split("_")[0] == ids[1].split("_")[0]
+    dirs = sorted(p for p in tmp_path.iterdir() if "model=" in p.name)
+    assert [d.name.split("model=")[1].split(",")[0] for d in dirs] == ["vit_factored", "vit_standard"]
+    for d in dirs:
+        att = results.load(os.path.join(d, "results.h5")).group("attention")
+        assert list(att["step"]) == [0, 2] and att["dependence"].shape == (2, 2, 2)
+
+
+def test_measurement_runs_as_a_two_task_slurm_job_like_locally(tmp_path) -> None:
+    """`python -m pipeline.measure RUN_DIR launcher=slurm`: one job, 2 tasks = one 2-rank world,
+    the same numbers as the measurement in this process."""
+    from test_observables import measure_cli
+
+    run = run_cli(*SMALL, "run.n_iter=4", f"hydra.run.dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    local = measure_cli(tmp_path, "--n-samples", "512", "--name", "local")
+    assert local.returncode == 0, local.stderr
+    out = measure_cli(tmp_path, "--n-samples", "512", "--name", "slurm", "launcher=slurm",
+                      "launcher.wait=true", "launcher.tasks_per_node=2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "submitted measurement job" in out.stdout and "measured slurm: E/N = " in out.stdout
+    c = results.load(os.path.join(tmp_path, "results.h5"))
+    a, b = c.group("measurements/local"), c.group("measurements/slurm")
+    np.testing.assert_allclose(b["structure_factor"], a["structure_factor"], atol=1e-10)
+    assert (c.groups["measurements/slurm"]["energy_per_site"]
+            == pytest.approx(c.groups["measurements/local"]["energy_per_site"], abs=1e-12))
+
+
 def test_two_task_job_is_one_two_rank_world_with_one_rank_energies(tmp_path) -> None:
     t0 = time.monotonic()
     local = run_cli(*SMALL, "run.n_iter=4", f"hydra.run.dir={tmp_path}/local")
