@@ -155,7 +155,8 @@ def _train(c: Config, run_dir: str, progress_bar: bool, me: dict, overrides: lis
         driver.hooks.append(StepLimitHook(ck, c.run.steps_per_job, c.run.n_iter))
     dist.print0(f"{c.model.name}: {driver.n_params} parameters, SR solver {driver.solver} "
                 f"({driver.preconditioner.reason}), {c.sampler.n_samples} samples on "
-                f"{c.sampler.n_chains} chains over {dist.size()} rank(s); run dir {run_dir}")
+                f"{c.sampler.n_chains} chains over {dist.size()} rank(s), forward passes in chunks of "
+                f"{system.chunk} configurations; run dir {run_dir}")
     log.info("SR solver %s: %s", driver.solver, driver.preconditioner.reason)
     state = restore_or_fresh(driver, ck.directory)
     finished = dist.root_decides(

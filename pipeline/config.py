@@ -80,7 +80,8 @@ class ModelConfig:
     layers: int = 1
     translation_invariant: bool = True  # factored weights alpha(r_i - r_j) instead of alpha_ij
     symmetry: Symmetry = Symmetry.none
-    chunk_size: int = 0  # configurations per forward pass (0: whole batch)
+    chunk_size: int = 0  # configurations per forward pass and samples per Jacobian chunk (0: automatic
+    # forward chunks from a memory budget, budget.forward_chunk; the Jacobian in one piece)
 
     @property
     def name(self) -> str:

@@ -102,7 +102,7 @@ def measure(req: Request) -> dict[str, Any]:
             vstate = restore_vstate(system, snap)
             vs, smp, n_per_chain = observables.fresh_samples(vstate, n_samples, snap.step, req.burn_in)
             attrs = observables.energy_of(vs, smp, n_per_chain)
-            arrays = observables.correlations(vs, smp, n_per_chain, c.model.chunk_size or 4096)
+            arrays = observables.correlations(vs, smp, n_per_chain, system.chunk)
             for key in ("singlet_weight", "singlet_weight_error"):
                 if key in arrays:
                     attrs[key] = arrays.pop(key)

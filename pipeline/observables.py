@@ -185,10 +185,11 @@ def _block(n: int, target: int) -> int:
 
 
 def correlations(vs: VariationalState, smp: Samples, n_per_chain: int,
-                 chunk: int = 4096) -> dict[str, np.ndarray | float]:
+                 chunk: int) -> dict[str, np.ndarray | float]:
     """C(r), C_zz(r), S(q) and the x-bond dimer correlation with their errors (see the module
     doc), and for the Shastry-Sutherland lattice the singlet weight 1/4 - <S_i.S_j> on its dimers.
-    Samples are evaluated in blocks of about `chunk` / (N/2)^2 so memory stays bounded."""
+    Samples are evaluated in blocks of about `chunk` / (N/2)^2, so that one block's exchanged
+    configurations are about one forward chunk (`System.chunk`) and memory stays bounded."""
     sys = vs.system
     lat, N, L = sys.lattice, sys.n_sites, sys.lattice.L
     signs = jnp.asarray(pair_signs(lat, sys.cfg.hamiltonian.marshall_sign))

@@ -78,7 +78,7 @@ class VariationalState:
         """Complex local energies (total, not per site) of the samples."""
         sys = self.system
         return local_energies(sys.hamiltonian, sys.logpsi, self.params, samples.s, samples.logpsi,
-                              sys.cfg.model.chunk_size)
+                              sys.chunk)
 
     def statistics(self, values: jax.Array, n_per_chain: int) -> Stats:
         """Mean, autocorrelation-aware error, variance and R-hat of sample-major local values

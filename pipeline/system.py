@@ -8,6 +8,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from .budget import forward_chunk
 from .config import Config
 from .hamiltonian import Hamiltonian
 from .lattice import Lattice
@@ -29,6 +30,7 @@ class System:
     model: ViT
     logpsi: Callable
     sampler: ExchangeSampler
+    chunk: int  # configurations per forward pass (budget.forward_chunk)
 
     @classmethod
     def build(cls, cfg: Config) -> "System":
@@ -42,7 +44,7 @@ class System:
         moves = lat.bonds1 if not cfg.sampler.next_nearest_moves else np.concatenate(
             [lat.bonds1, lat.bonds2])
         sampler = ExchangeSampler(logpsi, moves, cfg.sampler.sweep_size or lat.n_sites)
-        return cls(cfg, lat, ham, model, logpsi, sampler)
+        return cls(cfg, lat, ham, model, logpsi, sampler, forward_chunk(cfg))
 
     @property
     def n_sites(self) -> int:

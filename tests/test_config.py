@@ -177,3 +177,19 @@ def test_memory_estimate_refuses_what_cannot_fit_and_passes_the_default() -> Non
     with pytest.raises(ConfigError, match="launcher.mem_gb=4.0"):
         budget.check(big, 1, *budget.slurm_bytes(big))
     budget.check(big, 16, 16e9, "a 16 GB GPU")  # the published run on 16 ranks fits
+
+
+def test_automatic_forward_chunk_follows_the_model_and_the_projection() -> None:
+    """model.chunk_size=0: one chunk for the 4x4 defaults (~35k connected configurations), 16384
+    for the 6x6 model whose whole-batch default was slow and fat, smaller under projection;
+    an explicit value wins."""
+    from pipeline import budget
+
+    assert budget.forward_chunk(make_config()) >= 1024 * 34
+    six = {"lattice.L": 6, "model.d": 32, "model.heads": 4, "model.layers": 2}
+    for kind in ("factored", "standard"):
+        assert budget.forward_chunk(make_config(**six, **{"model.attention": kind})) == 16384
+    full = budget.forward_chunk(make_config(**{"model.d": 32, "model.symmetry": "full"}))
+    assert budget.MIN_CHUNK <= full <= 2048 and full & (full - 1) == 0
+    assert budget.forward_chunk(make_config(**{"model.chunk_size": 300})) == 300
+    assert budget.forward_chunk(make_config(**{"lattice.L": 40, "model.d": 512})) == budget.MIN_CHUNK
