@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import yaml
 from omegaconf import DictConfig
 
-from . import budget, checkpoint, dist, provenance, rundir, status
+from . import budget, checkpoint, dist, provenance, rundir, status, warmstart
 from .analysis import AttentionProbe
 from .config import Config, config_differences, to_yaml, validate
 from .driver import Driver, RunState, StopRun
@@ -51,7 +51,14 @@ def restore_or_fresh(driver: Driver, ckpt_dir: str) -> RunState:
         ckpt_dir, *driver.templates(), _checker(driver.cfg), log=log.warning))
     if value is None:
         dist.print0(f"no checkpoint in {ckpt_dir}: starting at step 0")
-        return driver.fresh_state()
+        init_from = driver.cfg.run.init_from
+        if not init_from:
+            return driver.fresh_state()
+        params, where, step = dist.root_decides(
+            lambda: warmstart.load(init_from, os.path.dirname(ckpt_dir), driver.system))
+        dist.print0(f"warm start from {where} (step {step})")
+        log.info("warm start from %s (step %d)", where, step)
+        return driver.fresh_state(jax.tree_util.tree_map(jnp.asarray, params))
     dist.print0(f"resumed from step {value.step} ({ckpt_dir})")
     log.info("resumed from step %d", value.step)
     sr_state = jax.tree_util.tree_map(jnp.asarray, value.opt_state)

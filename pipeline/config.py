@@ -126,6 +126,7 @@ class RunConfig:
     allow_changed: list = field(default_factory=list)  # keys that may differ on resume
     max_rollbacks: int = 3  # rollbacks after a non-finite step, per run (kept in checkpoints)
     steps_per_job: int = 0  # stop (with a checkpoint) after this many steps in one job; 0: no limit
+    init_from: Optional[str] = None  # warm start from this run directory's checkpoint (warmstart.py)
 
 
 @dataclass
@@ -285,7 +286,8 @@ def to_yaml(c: Config) -> str:
 # Keys that may differ from the checkpoint's config on resume without run.allow_changed: they
 # change neither the model nor the trajectory.
 ALWAYS_CHANGEABLE = ("analysis.", "checkpoint.", "launcher.", "model.chunk_size", "sampler.n_samples_final",
-                     "run.allow_changed", "run.max_rollbacks", "run.steps_per_job")
+                     "run.allow_changed", "run.max_rollbacks", "run.steps_per_job",
+                     "run.init_from")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

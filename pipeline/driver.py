@@ -82,8 +82,9 @@ class Driver:
     def solver(self) -> str:
         return self.preconditioner.solver
 
-    def fresh_state(self) -> RunState:
-        vs = VariationalState.fresh(self.system)
+    def fresh_state(self, params=None) -> RunState:
+        """Step 0: parameters from the seed (or `params`, e.g. a warm start), fresh chains."""
+        vs = VariationalState.fresh(self.system, params)
         return RunState(0, vs, self.preconditioner.init(vs.params))
 
     def templates(self) -> tuple[Any, SRState]:

@@ -1,0 +1,98 @@
+"""Cost of the two attention kinds at equal d, heads and layers, per lattice size (b = 2).
+
+For each L and kind: parameters; forward passes per second of log psi on a batch of random Sz = 0
+configurations (median of --repeat timings after compilation); seconds per SR step and its split
+(sampling, local energies, SR) over --steps steps after two untimed ones (compilation); and the
+connected configurations per sample (what the local energies evaluate). Both kinds start from
+their own random initialization, so the step split also reflects how many bonds are anti-aligned.
+
+usage: python scripts/bench_cost.py [--sizes 4,6,8,10] [--steps 3] [--repeat 5] [--batch 4096]
+                                    [--json FILE] [hydra overrides ...]
+defaults: d = 32, 4 heads, 2 layers, 1024 samples on 1024 chains, no projection.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pipeline.config import compose, validate
+from pipeline.driver import Driver
+from pipeline.system import System
+
+DEFAULTS = ["model.d=32", "model.heads=4", "model.layers=2", "sampler.n_samples=1024",
+            "sampler.n_chains=1024", "sampler.n_thermalize=5", "model.symmetry=none"]
+
+
+def forward_rate(system: System, params, batch: int, repeat: int) -> float:
+    rng = np.random.default_rng(0)
+    base = np.repeat(np.array([1, -1], np.int8), system.n_sites // 2)
+    s = jnp.asarray(np.stack([rng.permutation(base) for _ in range(batch)]))
+    f = jax.jit(system.logpsi)
+    f(params, s).block_until_ready()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        f(params, s).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times)
+
+
+def one(L: int, kind: str, args) -> dict:
+    c = validate(compose([*DEFAULTS, f"lattice.L={L}", f"model.attention={kind}", *args.overrides]))
+    system = System.build(c)
+    driver = Driver(system)
+    state = driver.fresh_state()
+    rate = forward_rate(system, state.vstate.params, args.batch, args.repeat)
+    records = []
+    for k in range(2 + args.steps):
+        state, rec = driver.step(state)
+        if k >= 2:
+            records.append(rec)
+    med = lambda f: statistics.median(getattr(r, f) for r in records)  # noqa: E731
+    bonds = system.hamiltonian.bonds
+    s = np.asarray(state.vstate.chains)
+    connected = float(np.mean(np.sum(s[:, bonds[:, 0]] != s[:, bonds[:, 1]], axis=1)))
+    return {"L": L, "kind": kind, "P": driver.n_params, "forward_per_s": rate,
+            "s_per_step": med("seconds"), "t_sample": med("t_sample"), "t_energy": med("t_energy"),
+            "t_sr": med("t_sr"), "connected_per_sample": connected, "chunk": system.chunk,
+            "solver": driver.solver}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="4,6,8,10")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--json")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    print(f"machine: {os.cpu_count()} cores, {jax.devices()[0].platform}; {' '.join(DEFAULTS)} "
+          f"{' '.join(args.overrides)}")
+    print(f"{'L':>3} {'kind':<9} {'P':>7} {'fwd/s':>9} {'s/step':>7} {'sample':>7} {'energy':>7} "
+          f"{'sr':>7} {'conn/smp':>8} {'f/s ratio':>9} {'step ratio':>10}")
+    rows = []
+    for L in (int(x) for x in args.sizes.split(",")):
+        pair = {kind: one(L, kind, args) for kind in ("factored", "standard")}
+        for kind, r in pair.items():
+            rows.append(r)
+            ratio_f = pair["factored"]["forward_per_s"] / pair["standard"]["forward_per_s"]
+            ratio_s = pair["factored"]["s_per_step"] / pair["standard"]["s_per_step"]
+            print(f"{L:3d} {kind:<9} {r['P']:7d} {r['forward_per_s']:9.0f} {r['s_per_step']:7.2f} "
+                  f"{r['t_sample']:7.2f} {r['t_energy']:7.2f} {r['t_sr']:7.2f} "
+                  f"{r['connected_per_sample']:8.1f} "
+                  + (f"{ratio_f:9.2f} {ratio_s:10.2f}" if kind == "standard" else ""), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
