@@ -97,6 +97,7 @@ class SamplerConfig:
     n_thermalize: int = 20  # sweeps discarded when chains are created and before the final measurement
     n_samples_final: int = 16384  # samples of the final energy measurement
     next_nearest_moves: bool = True  # propose exchanges on second-family bonds too
+    final_symmetry: Optional[Symmetry] = None  # projection of the final measurement (None: that of the last step)
 
 
 @dataclass
@@ -127,6 +128,7 @@ class RunConfig:
     max_rollbacks: int = 3  # rollbacks after a non-finite step, per run (kept in checkpoints)
     steps_per_job: int = 0  # stop (with a checkpoint) after this many steps in one job; 0: no limit
     init_from: Optional[str] = None  # warm start from this run directory's checkpoint (warmstart.py)
+    finetune_steps: int = 0  # the last steps: projection 'full' at optimizer.lr_final (driver.py)
 
 
 @dataclass
@@ -237,9 +239,14 @@ def validate(cfg: DictConfig | Config, n_ranks: int = 1) -> Config:
     _require(m.d % m.heads == 0, "model.heads", m.heads, f"does not divide model.d={m.d}")
     _require(m.layers >= 0, "model.layers", m.layers, "must be >= 0")
     if lat.kind == LatticeKind.shastry_sutherland:  # only shifts by even vectors keep the dimers
-        _require(m.symmetry == Symmetry.none, "model.symmetry", str(m.symmetry),
-                 "projects over shifts by one site (and rotations), which move the "
-                 "Shastry-Sutherland dimers onto empty plaquettes; use model.symmetry=none")
+        for name, value in (("model.symmetry", m.symmetry),
+                            ("sampler.final_symmetry", s.final_symmetry or Symmetry.none),
+                            ("run.finetune_steps", Symmetry.full if r.finetune_steps else
+                             Symmetry.none)):
+            _require(value == Symmetry.none, name, str(value) if name != "run.finetune_steps"
+                     else r.finetune_steps,
+                     "projects over shifts by one site (and rotations), which move the "
+                     "Shastry-Sutherland dimers onto empty plaquettes; use no projection")
         _require(lat.patch % 2 == 0, "lattice.patch", lat.patch,
                  "an odd patch makes the ViT invariant under shifts by an odd number of sites, "
                  "which are not symmetries of the Shastry-Sutherland dimers; use an even patch")
@@ -263,6 +270,8 @@ def validate(cfg: DictConfig | Config, n_ranks: int = 1) -> Config:
     _require(r.n_iter > 0, "run.n_iter", r.n_iter, "must be positive")
     _require(0 <= r.seed < SEED_LIMIT, "run.seed", r.seed, "must be in [0, 2^63)")
     _require(r.steps_per_job >= 0, "run.steps_per_job", r.steps_per_job, "must be >= 0")
+    _require(0 <= r.finetune_steps < r.n_iter, "run.finetune_steps", r.finetune_steps,
+             f"must be in [0, run.n_iter={r.n_iter})")
     _require(r.max_rollbacks >= 0, "run.max_rollbacks", r.max_rollbacks, "must be >= 0")
     _require(c.analysis.every_steps >= 0, "analysis.every_steps", c.analysis.every_steps,
              "must be >= 0 (0: off)")

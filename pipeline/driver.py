@@ -21,9 +21,10 @@ import numpy as np
 
 from . import dist, observables
 from .records import StepRecord
-from .sampler import STEP
+from .sampler import STEP, THERMALIZE
 from .sr import Preconditioner, SRState
 from .state import VariationalState
+from .config import Symmetry
 from .system import System
 
 
@@ -75,8 +76,14 @@ class Driver:
         self.system, self.cfg, self.hooks = system, cfg, list(hooks or [])
         self.n_per_chain = cfg.sampler.n_samples // cfg.sampler.n_chains
         self.n_params = system.n_params(system.init_params(cfg.run.seed))
+        # fine-tuning: the last run.finetune_steps steps on the fully projected state, after the
+        # schedules have reached their final values (lr_final, diag_shift_final, ...)
+        self.switch = cfg.run.n_iter - cfg.run.finetune_steps
+        self.finetune = system.with_symmetry(Symmetry.full) if cfg.run.finetune_steps else None
+        last = Symmetry.full if self.finetune else cfg.model.symmetry
+        self.final_system = system.with_symmetry(cfg.sampler.final_symmetry or last)
         self.preconditioner = preconditioner or Preconditioner(
-            cfg.optimizer, cfg.run.n_iter, self.n_params, cfg.sampler.n_samples, cfg.model.chunk_size)
+            cfg.optimizer, self.switch, self.n_params, cfg.sampler.n_samples, cfg.model.chunk_size)
 
     @property
     def solver(self) -> str:
@@ -96,7 +103,7 @@ class Driver:
     def step(self, state: RunState) -> tuple[RunState, StepRecord]:
         """One SR step; the record holds the energy of the parameters *before* the update."""
         t0 = time.perf_counter()
-        vs, smp = state.vstate.sample(self.n_per_chain, STEP, state.step)
+        vs, smp = self._phase(state).sample(self.n_per_chain, STEP, state.step)
         smp.s.block_until_ready()
         t1 = time.perf_counter()
         eloc = vs.local_energies(smp)
@@ -104,7 +111,7 @@ class Driver:
         acc = vs.acceptance(smp)
         t2 = time.perf_counter()
         params, sr_state, info = self.preconditioner.update(
-            self.system.logpsi, vs.params, smp.s, eloc, state.sr_state, state.step, state.lr_scale)
+            vs.system.logpsi, vs.params, smp.s, eloc, state.sr_state, state.step, state.lr_scale)
         jax.block_until_ready(params)
         t3 = time.perf_counter()
         N = self.system.n_sites
@@ -115,6 +122,18 @@ class Driver:
             t_sr=t3 - t2, **info)
         return replace(state, step=state.step + 1, vstate=vs.replace(params=params),
                        sr_state=sr_state), record
+
+    def _phase(self, state: RunState) -> VariationalState:
+        """The state with the system of its phase: from step n_iter - run.finetune_steps on, the
+        fully projected one; entering that phase the chains first discard sampler.n_thermalize
+        sweeps under it (a run resumed later in the phase has chains that already did)."""
+        vs = state.vstate
+        if self.finetune is None or state.step < self.switch or vs.system is self.finetune:
+            return vs
+        vs = vs.replace(system=self.finetune)
+        if state.step == self.switch:
+            vs = vs.thermalize(self.cfg.sampler.n_thermalize, THERMALIZE, state.step)
+        return vs
 
     def blown_up(self, record: StepRecord, params) -> bool:
         """Non-finite energy or parameters, or an energy beyond any physical bound."""
@@ -139,7 +158,9 @@ class Driver:
                 snapshot = state
             for h in self.hooks:
                 h.on_step_end(state, record)
-        final = observables.energy(state.vstate, self.cfg.sampler.n_samples_final, state.step)
+        final = observables.energy(state.vstate.replace(system=self.final_system),
+                                   self.cfg.sampler.n_samples_final, state.step)
+        final["symmetry"] = str(self.final_system.cfg.model.symmetry)
         for h in self.hooks:
             h.on_run_end(state, final)
         return state, final

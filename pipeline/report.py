@@ -39,5 +39,5 @@ def summary(c: Config, f: dict) -> str:
            if rel == rel else "no reference energy for this system")
     return (f"final: L={c.lattice.L} J2={c.hamiltonian.J2} {c.model.name}: E/N = "
             f"{f['energy_per_site']:.6f} ± {f['energy_error']:.6f} (per site, S.S units; "
-            f"{f['n_samples']} fresh samples), var/N = {f['variance_per_site']:.4g}, "
+            f"{f['n_samples']} fresh samples, projection {f.get('symmetry', 'none')}), var/N = {f['variance_per_site']:.4g}, "
             f"V-score = {f['v_score']:.3g}; {ref}")

@@ -11,7 +11,8 @@ Layout (an interface users script against):
                     layers, heads), profile (rows, layers, heads, n), mean_map (rows, layers,
                     heads, n, n); n = number of patches
   /final            attrs: step, energy_per_site, energy_error, variance_per_site, v_score,
-                    reference_energy_per_site, relative_error, n_samples, r_hat, acceptance
+                    reference_energy_per_site, relative_error, n_samples, r_hat, acceptance,
+                    symmetry (the projection it was measured with)
   /measurements/<name>  written by `python -m pipeline.measure` (see `measure`)
 
 Readers open it with h5py.File(path, "r", swmr=True) while the job runs, or with `load` here,

@@ -1,6 +1,7 @@
 """Assemble the physical system and the variational ansatz from a validated config."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -9,7 +10,7 @@ import jax
 import numpy as np
 
 from .budget import forward_chunk
-from .config import Config
+from .config import Config, Symmetry
 from .hamiltonian import Hamiltonian
 from .lattice import Lattice
 from .models import ViT, group, n_params, project
@@ -45,6 +46,13 @@ class System:
             [lat.bonds1, lat.bonds2])
         sampler = ExchangeSampler(logpsi, moves, cfg.sampler.sweep_size or lat.n_sites)
         return cls(cfg, lat, ham, model, logpsi, sampler, forward_chunk(cfg))
+
+    def with_symmetry(self, symmetry: str) -> "System":
+        """The same system with log psi projected onto another group (this one if unchanged)."""
+        if str(symmetry) == str(self.cfg.model.symmetry):
+            return self
+        model = dataclasses.replace(self.cfg.model, symmetry=Symmetry(str(symmetry)))
+        return System.build(dataclasses.replace(self.cfg, model=model))
 
     @property
     def n_sites(self) -> int:

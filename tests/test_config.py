@@ -55,6 +55,12 @@ BAD = [
     ({"lattice.kind": "shastry_sutherland", "lattice.L": 6, "lattice.patch": 3},
      "lattice.patch=3: an odd patch makes the ViT invariant under shifts by an odd number"),
     ({"lattice.kind": "shastry_sutherland", "lattice.patch": 1}, "lattice.patch=1: an odd patch"),
+    ({"lattice.kind": "shastry_sutherland", "sampler.final_symmetry": "translations"},
+     "sampler.final_symmetry='translations': projects over shifts"),
+    ({"lattice.kind": "shastry_sutherland", "run.finetune_steps": 10},
+     "run.finetune_steps=10: projects over shifts"),
+    ({"run.finetune_steps": 300}, "run.finetune_steps=300: must be in [0, run.n_iter=300)"),
+    ({"sampler.final_symmetry": "most"}, "sampler.final_symmetry='most'"),
 ]
 
 

@@ -267,3 +267,33 @@ def test_aggregate_collects_final_energies(reference_run, tmp_path) -> None:
     assert rows[0]["energy_per_site"] == final["energy_per_site"]
     assert aggregate.main([str(reference_run[0]), "--csv", str(tmp_path / "t.csv")]) == 0
     assert "energy_per_site" in (tmp_path / "t.csv").read_text().splitlines()[0]
+
+
+FINETUNE = ["run.finetune_steps=3"]
+
+
+@pytest.mark.parametrize("stop", [5, 6])  # at the switch to the projected phase, and inside it
+def test_finetune_phase_resumes_bit_identically(tmp_path, stop: int) -> None:
+    """The last run.finetune_steps steps: projection 'full' at lr_final, chains re-thermalized
+    once on entering; stopping at the switch or inside the phase changes nothing."""
+    job(tmp_path / "ref", *FINETUNE, n=8)
+    h = history(tmp_path / "ref")
+    np.testing.assert_allclose(h["lr"][5:], 0.002)  # optimizer.lr_final
+    assert h["lr"][3] > 0.002
+    assert results.read_final(os.path.join(tmp_path, "ref", "results.h5"))["symmetry"] == "full"
+    job(tmp_path / "cut", *FINETUNE, f"run.steps_per_job={stop}", n=8)
+    out = job(tmp_path / "cut", *FINETUNE, n=8)
+    assert "projection full" in out.stdout
+    assert_same_run(tmp_path / "ref", tmp_path / "cut", n=8)
+    a = results.read_final(os.path.join(tmp_path, "ref", "results.h5"))
+    assert a == results.read_final(os.path.join(tmp_path, "cut", "results.h5"))
+
+
+def test_final_symmetry_projects_only_the_final_measurement(reference_run, tmp_path) -> None:
+    out = job(tmp_path, "sampler.final_symmetry=translations")
+    assert "projection translations" in out.stdout
+    np.testing.assert_array_equal(history(tmp_path)["energy"], history(reference_run[0])["energy"])
+    a = results.read_final(os.path.join(reference_run[0], "results.h5"))
+    b = results.read_final(os.path.join(tmp_path, "results.h5"))
+    assert a["symmetry"] == "none" and b["symmetry"] == "translations"
+    assert b["energy_per_site"] != a["energy_per_site"]
