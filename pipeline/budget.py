@@ -106,8 +106,11 @@ def per_rank(c: Config, K: int) -> dict[str, float]:
     """Estimated peak bytes per rank by term, and their 'total' (with the runtime's base)."""
     P, N = n_params(c), c.sampler.n_samples
     solver, _ = choose_solver(c.optimizer.solver, P, N, K)
-    terms = sr_bytes(P, N, K, solver, c.model.chunk_size)  # chunk 0: X is built in one piece
-    connected = (N // K) * c.lattice.L ** 2  # about half of the 2N (4N with J2) bonds are anti-aligned
+    # chunk 0: X is built in one piece; a chunk beyond this rank's samples is one piece too
+    terms = sr_bytes(P, N, K, solver, min(c.model.chunk_size, N // K))
+    # the largest batch of local energies: a step's or the final measurement's samples, with about
+    # half of the 2N (4N with J2) bonds anti-aligned
+    connected = (max(N, c.sampler.n_samples_final) // K) * c.lattice.L ** 2
     terms["activations"] = min(connected, forward_chunk(c)) * per_config_bytes(c)
     return terms | {"total": sum(terms.values()) + BASE_BYTES}
 

@@ -215,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             print(summary(attrs), flush=True)
         return 0
     except (RefusedRun, ResultsError, SubmissionError) as e:
-        sys.stderr.write(f"error: {e}\n")
+        from . import dist
+
+        if dist.is_root():  # every rank refused alike: one line
+            sys.stderr.write(f"error: {e}\n")
         return 2
 
 

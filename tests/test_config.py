@@ -199,3 +199,15 @@ def test_automatic_forward_chunk_follows_the_model_and_the_projection() -> None:
     assert budget.MIN_CHUNK <= full <= 2048 and full & (full - 1) == 0
     assert budget.forward_chunk(make_config(**{"model.chunk_size": 300})) == 300
     assert budget.forward_chunk(make_config(**{"lattice.L": 40, "model.d": 512})) == budget.MIN_CHUNK
+
+
+def test_memory_estimate_covers_the_final_measurement_and_caps_the_jacobian_chunk() -> None:
+    """The final measurement's batch (sampler.n_samples_final) counts for the activations; a
+    model.chunk_size beyond the samples is the whole batch, not a larger Jacobian chunk."""
+    from pipeline import budget
+
+    small_final = make_config(**{"sampler.n_samples_final": 1024, "model.chunk_size": 10 ** 7})
+    big_final = make_config(**{"sampler.n_samples_final": 65536, "model.chunk_size": 10 ** 7})
+    assert budget.per_rank(big_final, 1)["activations"] > 30 * budget.per_rank(small_final, 1)["activations"]
+    assert budget.per_rank(small_final, 1)["chunk"] == budget.per_rank(
+        make_config(**{"model.chunk_size": 1024}), 1)["chunk"]
