@@ -309,8 +309,12 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(stored_yaml: str, current: Config) -> list[str]:
-    """Dotted keys whose values differ and that the resume may not change."""
+    """Dotted keys whose values differ and that the resume may not change. A key the stored
+    config lacks (a checkpoint of an older version) counts as its default: keys are added with
+    defaults that keep the earlier behaviour."""
     old, new = _flatten(yaml.safe_load(stored_yaml)), _flatten(yaml.safe_load(to_yaml(current)))
+    defaults = _flatten(yaml.safe_load(to_yaml(Config())))
+    old = {k: old.get(k, defaults.get(k)) for k in set(old) | set(new)}
     allowed = ALWAYS_CHANGEABLE + tuple(current.run.allow_changed)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and not any(k == a or (a.endswith(".") and k.startswith(a))

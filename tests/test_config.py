@@ -211,3 +211,18 @@ def test_memory_estimate_covers_the_final_measurement_and_caps_the_jacobian_chun
     assert budget.per_rank(big_final, 1)["activations"] > 30 * budget.per_rank(small_final, 1)["activations"]
     assert budget.per_rank(small_final, 1)["chunk"] == budget.per_rank(
         make_config(**{"model.chunk_size": 1024}), 1)["chunk"]
+
+
+def test_resume_accepts_checkpoints_written_before_a_key_existed() -> None:
+    """A key added later (here run.finetune_steps, sampler.final_symmetry) counts as its default
+    in an older checkpoint's config; a non-default value is still a difference."""
+    import yaml
+
+    from pipeline.config import config_differences, to_yaml
+
+    current = make_config()
+    old = yaml.safe_load(to_yaml(current))
+    del old["run"]["finetune_steps"], old["sampler"]["final_symmetry"]
+    assert config_differences(yaml.safe_dump(old), current) == []
+    changed = make_config(**{"run.finetune_steps": 5})
+    assert config_differences(yaml.safe_dump(old), changed) == ["run.finetune_steps: 0 -> 5"]
