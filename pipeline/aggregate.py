@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from . import status
+from .config import Config, to_yaml
 from .errors import ResultsError
 from .results import FORMAT_VERSION, Content, load
 
@@ -42,10 +43,12 @@ class Run:
     config: dict
     content: Content
     row: dict = field(default_factory=dict)
+    plot_label: str = ""  # set by plots: the label, numbered when runs share it
 
     @property
     def label(self) -> str:
-        return f"L={self.row['L']} {self.row['model']} J2={self.row['J2']} ({os.path.basename(self.run_dir)})"
+        """Short: size, attention kind, J2 (`plots` numbers runs that share one)."""
+        return f"L={self.row['L']} {self.row['model'].removeprefix('vit_')} J2={self.row['J2']}"
 
     @property
     def measurements(self) -> dict[str, dict]:
@@ -121,7 +124,8 @@ def frame(runs: list[Run]):
     """The report as a pandas DataFrame: the rows plus the config keys that vary between runs."""
     import pandas as pd
 
-    flat = [_flatten(r.config) for r in runs]
+    defaults = _flatten(yaml.safe_load(to_yaml(Config())))  # keys older runs did not have yet
+    flat = [defaults | _flatten(r.config) for r in runs]
     keys = sorted({k for f in flat for k in f})
     varying = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1
                and k not in ("lattice.L", "hamiltonian.J2", "model.attention")

@@ -41,10 +41,10 @@ def convergence(runs: list["Run"], plt):
         h = r.content.history
         if not len(h.get("step", [])):
             continue
-        ax.plot(h["step"], h["energy"], label=r.label, lw=1)
+        ax.plot(h["step"], h["energy"], label=r.plot_label, lw=1)
         ref = r.row["reference_energy_per_site"]
         if ref == ref:
-            ax_rel.semilogy(h["step"], np.abs((h["energy"] - ref) / ref), label=r.label, lw=1)
+            ax_rel.semilogy(h["step"], np.abs((h["energy"] - ref) / ref), label=r.plot_label, lw=1)
     ax.set(xlabel="SR step", ylabel="E/N (S.S units)", title="energy per site")
     ax_rel.set(xlabel="SR step", ylabel="|relative error|", title="relative error to reference")
     for a in (ax, ax_rel):
@@ -123,7 +123,7 @@ def _grid(plt, panels: list[tuple[str, Callable]], what: str, cols: int = 4):
                                                                     3.0 * rows), squeeze=False)
     for ax, (title, draw) in zip(axes.ravel(), panels):
         draw(ax, fig)
-        ax.set_title(title, fontsize=7)
+        ax.set_title(title, fontsize=8)
     for ax in axes.ravel()[len(panels):]:
         ax.set_axis_off()
     fig.tight_layout()
@@ -133,7 +133,7 @@ def _grid(plt, panels: list[tuple[str, Callable]], what: str, cols: int = 4):
 def _heat(data: np.ndarray, label: str, axes: tuple[str, str] = ("dx", "dy")) -> Callable:
     def draw(ax, fig):
         im = ax.imshow(data, origin="lower", cmap="viridis")
-        ax.set(xlabel=axes[1], ylabel=axes[0])
+        ax.set(xlabel=axes[1], ylabel=axes[0], xticks=range(data.shape[1]), yticks=range(data.shape[0]))
         fig.colorbar(im, ax=ax, shrink=0.8, label=label)
     return draw
 
@@ -149,7 +149,7 @@ def attention_profiles(runs: list["Run"], plt):
         name = "alpha(r)" if r.row["model"] == "vit_factored" else "a(r)"
         for layer in range(last.shape[0]):
             for head in range(last.shape[1]):
-                panels.append((f"{r.label}\nlayer {layer} head {head}: {name}",
+                panels.append((f"{r.plot_label}\nlayer {layer}, head {head}: {name}",
                                _heat(last[layer, head].reshape(m, m), name)))
     return _grid(plt, panels, "attention profiles")
 
@@ -164,7 +164,7 @@ def attention_dependence(runs: list["Run"], plt):
         for layer in range(dep.shape[1]):
             for head in range(dep.shape[2]):
                 ax.plot(a["step"], dep[:, layer, head], marker=".", lw=1,
-                        label=f"{r.label} l{layer} h{head}")
+                        label=f"{r.plot_label} l{layer} h{head}")
     if not ax.lines:
         _empty(ax, "attention maps")
     else:
@@ -182,7 +182,7 @@ def structure_factor(runs: list["Run"], plt):
             continue
         name = list(meas)[-1]
         sq = r.content.group(f"measurements/{name}")["structure_factor"]
-        panels.append((f"{r.label}\n{name}: S(q), q = 2 pi k / L", _heat(sq, "S(q)", ("kx", "ky"))))
+        panels.append((f"{r.plot_label}\n{name}: S(q), q = 2 pi k / L", _heat(sq, "S(q)", ("kx", "ky"))))
     return _grid(plt, panels, "measurements")
 
 
@@ -193,8 +193,24 @@ FIGURES = {"convergence.png": convergence, "energy_vs_L.png": energy_vs_L,
            "structure_factor.png": structure_factor}
 
 
+def _distinct(runs: list["Run"]) -> None:
+    """Runs that share a label (other seeds, settings) get " #1", " #2", ... in table order."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r.label] = counts.get(r.label, 0) + 1
+    seen: dict[str, int] = {}
+    for r in runs:
+        base = r.label
+        if counts[base] > 1:
+            seen[base] = seen.get(base, 0) + 1
+            r.plot_label = f"{base} #{seen[base]}"
+        else:
+            r.plot_label = base
+
+
 def write_all(runs: list["Run"], outdir: str) -> list[str]:
     """Write every figure into `outdir`; returns the paths."""
+    _distinct(runs)
     plt = _pyplot()
     os.makedirs(outdir, exist_ok=True)
     paths = []
