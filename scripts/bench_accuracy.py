@@ -17,7 +17,7 @@ import os
 import statistics
 import time
 
-from pipeline import measure
+from pipeline import observables
 from pipeline.config import compose, validate
 from pipeline.driver import Driver
 from pipeline.models import group
@@ -69,7 +69,7 @@ def bench(kind: str, minutes: float, overrides: list[str]) -> dict:
     train_s = time.perf_counter() - t_train
     t_final = time.perf_counter()
     ref = reference_energy(cfg, system.hamiltonian)
-    final = with_reference(measure.energy(state.vstate, cfg.sampler.n_samples_final, state.step), ref)
+    final = with_reference(observables.energy(state.vstate, cfg.sampler.n_samples_final, state.step), ref)
     t_projected = time.perf_counter()
     # The same parameters, projected on the full symmetry group (translations x C4v x spin flip)
     # for the final measurement only: it lowers the energy without retraining.
@@ -78,7 +78,7 @@ def bench(kind: str, minutes: float, overrides: list[str]) -> dict:
                                    sampler=dataclasses.replace(run_cfg.sampler,
                                                                n_samples_final=PROJECTED_SAMPLES))
     full = System.build(full_cfg)
-    projected = with_reference(measure.energy(state.vstate.replace(system=full),
+    projected = with_reference(observables.energy(state.vstate.replace(system=full),
                                               PROJECTED_SAMPLES, state.step), ref)
     return {"attention": kind, "params": driver.n_params, "solver": driver.solver,
             "symmetry": cfg.model.symmetry, "steps": n_iter, "seconds_per_step": train_s / n_iter,

@@ -105,3 +105,18 @@ def test_non_editable_install_runs_from_another_directory(tmp_path) -> None:
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import pipeline; print(pipeline.__file__)"],
                            cwd=elsewhere, capture_output=True, text=True, env=env)
     assert where.stdout.startswith(site), where.stdout
+
+
+def test_every_script_imports_against_the_current_package() -> None:
+    """The benchmark scripts use the package's API (a renamed function must fail here, not in a
+    benchmark run hours later)."""
+    import glob
+
+    scripts = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.py")))
+    code = ("import importlib.util, sys; sys.path.insert(0, 'scripts')\n"
+            "for f in sys.argv[1:]:\n"
+            "    spec = importlib.util.spec_from_file_location(f.rsplit('/', 1)[-1][:-3], f)\n"
+            "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n")
+    out = subprocess.run([PYTHON, "-c", code, *scripts], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert len(scripts) >= 7
