@@ -48,9 +48,9 @@ def _summary(model, params, s: jax.Array, displacement: jax.Array, n_total: int)
         means.append(mean)
         deps.append(jnp.sqrt(spread) / jnp.sqrt(jnp.sum(mean ** 2, axis=(1, 2))))
     mean_map = jnp.stack(means)
-    n = mean_map.shape[-1]
-    onehot = jax.nn.one_hot(displacement, n, dtype=mean_map.dtype)  # (n, n, n_r)
-    profile = jnp.einsum("lhij,ijr->lhr", mean_map, onehot) / n
+    *lh, n, _ = mean_map.shape  # every displacement r has n pairs (i, j)
+    profile = jnp.zeros((*lh, n), mean_map.dtype).at[..., displacement.ravel()].add(
+        mean_map.reshape(*lh, n * n)) / n
     return {"dependence": jnp.stack(deps), "profile": profile, "mean_map": mean_map}
 
 

@@ -59,11 +59,14 @@ def group_size(c: Config) -> int:
         c.model.symmetry]
 
 
-def per_config_bytes(c: Config) -> float:
-    """Activation bytes of one configuration's forward pass (all its symmetry images): the
-    n x 4d MLP hidden layer, and the heads x n x n attention maps of standard attention."""
-    n, d = (c.lattice.L // c.lattice.patch) ** 2, c.model.d
-    per = n * 4 * d + (c.model.heads * n * n if c.model.attention == Attention.standard else 0)
+def per_config_bytes(c: Config, backward: bool = False) -> float:
+    """Activation bytes of one configuration's pass (all its symmetry images): the n x 4d MLP
+    hidden layer, and the heads x n x n attention maps of standard attention. A per-sample
+    gradient (`backward`, a Jacobian row) holds them for every layer, and also the gradient of
+    factored attention's gathered alpha_ij before it is summed onto alpha(r)."""
+    n, m = (c.lattice.L // c.lattice.patch) ** 2, c.model
+    maps = backward or m.attention == Attention.standard
+    per = (n * 4 * m.d + (m.heads * n * n if maps else 0)) * (m.layers if backward else 1)
     return 8.0 * per * group_size(c)
 
 
@@ -107,11 +110,14 @@ def per_rank(c: Config, K: int) -> dict[str, float]:
     P, N = n_params(c), c.sampler.n_samples
     solver, _ = choose_solver(c.optimizer.solver, P, N, K)
     # chunk 0: X is built in one piece; a chunk beyond this rank's samples is one piece too
-    terms = sr_bytes(P, N, K, solver, min(c.model.chunk_size, N // K))
-    # the largest batch of local energies: a step's or the final measurement's samples, with about
-    # half of the 2N (4N with J2) bonds anti-aligned
+    rows = min(c.model.chunk_size or N // K, N // K)
+    terms = sr_bytes(P, N, K, solver, rows if c.model.chunk_size else 0)
+    terms["jacobian_activations"] = rows * per_config_bytes(c, backward=True)
+    # the largest forward batch: all chains of a sampler sweep, or the local energies of a step's
+    # or the final measurement's samples (about half of the 2N (4N with J2) bonds anti-aligned)
     connected = (max(N, c.sampler.n_samples_final) // K) * c.lattice.L ** 2
-    terms["activations"] = min(connected, forward_chunk(c)) * per_config_bytes(c)
+    batch = max(min(connected, forward_chunk(c)), c.sampler.n_chains // K)
+    terms["activations"] = batch * per_config_bytes(c)
     return terms | {"total": sum(terms.values()) + BASE_BYTES}
 
 
