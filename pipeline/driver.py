@@ -76,12 +76,18 @@ class Driver:
         self.system, self.cfg, self.hooks = system, cfg, list(hooks or [])
         self.n_per_chain = cfg.sampler.n_samples // cfg.sampler.n_chains
         self.n_params = system.n_params(system.init_params(cfg.run.seed))
-        # fine-tuning: the last run.finetune_steps steps on the fully projected state, after the
-        # schedules have reached their final values (lr_final, diag_shift_final, ...)
-        self.switch = cfg.run.n_iter - cfg.run.finetune_steps
         self.finetune = system.with_symmetry(Symmetry.full) if cfg.run.finetune_steps else None
         last = Symmetry.full if self.finetune else cfg.model.symmetry
         self.final_system = system.with_symmetry(cfg.sampler.final_symmetry or last)
+        self.set_horizon(cfg.run.n_iter, preconditioner)
+
+    def set_horizon(self, n_iter: int, preconditioner: Preconditioner | None = None) -> None:
+        """Where the schedules end: fine-tuning takes the last run.finetune_steps of `n_iter`
+        steps on the fully projected state, after the schedules (lr -> lr_final, diag_shift ->
+        diag_shift_final, ...) have reached their final values at n_iter - finetune_steps. The
+        optimizer state does not depend on it, so a run may move its horizon (`deadline.train`)."""
+        cfg = self.cfg
+        self.switch = n_iter - cfg.run.finetune_steps
         self.preconditioner = preconditioner or Preconditioner(
             cfg.optimizer, self.switch, self.n_params, cfg.sampler.n_samples, cfg.model.chunk_size)
 

@@ -1,12 +1,20 @@
-"""Accuracy per wall-clock budget on 4x4, J2 = 0.5: train each attention kind for a fixed budget
-and measure the final energy on fresh samples.
+"""Accuracy per wall-clock budget: train each attention kind (and seed, and with or without a warm
+start) inside a fixed budget at J2 = 0.5 (or any hamiltonian.J2=...) and measure the final energy
+on fresh samples, trained and fully projected.
 
-The budget covers everything after start-up (compilation, a short calibration that sets the
-number of SR steps so that the learning-rate schedule ends inside the budget, training and the
-final measurement). Settings come from conf/experiment/bench_4x4.yaml; extra dotted overrides
-apply to both kinds.
+The budget covers everything after start-up: compilation, the warm-start run, training and both
+final measurements. The schedules' horizon follows the measured step time during the run
+(`pipeline.deadline`), so a load that comes or goes shortens or lengthens the run instead of
+overrunning or idling. Training keeps a reserve for the final measurements (what they cost at
+full size, at most MEASURE_SHARE of the budget), and the measurements take as many samples (up to
+sampler.n_samples_final and PROJECTED_SAMPLES) as the time left allows.
 
-usage: python scripts/bench_accuracy.py [--minutes 15] [--kinds factored,standard] [key=value ...]
+--size 4 uses conf/experiment/bench_4x4.yaml (15 minutes), --size 6 bench_6x6.yaml (60 minutes).
+--warm F (F > 0, size > 4): the first fraction F of the budget trains the same model on 4x4, whose
+parameters start the large run (`pipeline.warmstart.map_params`, as run.init_from does).
+
+usage: python scripts/bench_accuracy.py [--size 4|6] [--minutes M] [--kinds factored,standard]
+           [--seeds 0,1,2,3] [--warm 0,0.2] [--json FILE] [key=value ...]
 """
 from __future__ import annotations
 
@@ -16,108 +24,194 @@ import json
 import os
 import statistics
 import time
+from typing import Callable
 
-from pipeline import observables
+import numpy as np
+
+from pipeline import observables, warmstart
 from pipeline.config import compose, validate
+from pipeline.deadline import Deadline, train
 from pipeline.driver import Driver
 from pipeline.models import group
 from pipeline.report import reference_energy, with_reference
 from pipeline.system import System
 
-CALIBRATION_STEPS = 12
 PROJECTED_SAMPLES = 8192
-SAFETY = 1.3  # margin on the measurement times predicted from the calibration steps
+SAFETY = 1.3  # margin on the measurement times predicted from the steps' sampling times
+MEASURE_SHARE = 0.25  # of the budget, at most, kept for the final measurements
 SPLIT = ("t_sample", "t_energy", "t_sr")  # per-step phases the driver times
+BUDGET_MINUTES = {4: 15.0, 6: 60.0}
+WARM_L = 4
 
 
-def configure(kind: str, overrides: list[str]):
-    return validate(compose(["+experiment=bench_4x4", f"model=vit_{kind}", *overrides]))
+def configure(size: int, kind: str, seed: int, overrides: list[str]):
+    return validate(compose([f"+experiment=bench_{size}x{size}", f"model=vit_{kind}",
+                             f"run.seed={seed}", *overrides]))
 
 
-def bench(kind: str, minutes: float, overrides: list[str]) -> dict:
+def warm_params(size: int, kind: str, seed: int, overrides: list[str], until: float, system):
+    """Parameters for `system` from a run of the same model on 4x4 that ends at `until`."""
+    small = Driver(System.build(configure(size, kind, seed, [*overrides, f"lattice.L={WARM_L}"])))
+    state, steps = train(small, small.fresh_state(), Deadline(until, lambda t: 0.0),
+                         small.cfg.run.n_iter)
+    b = system.lattice.patch
+    params = warmstart.map_params(state.vstate.params, system.init_params(seed), WARM_L // b,
+                                  system.lattice.L // b)
+    return params, steps
+
+
+def projection_images(cfg, system) -> float:
+    """Symmetry images of a configuration under the full projection, over those under training's."""
+    return len(group(system.lattice, "full")[0]) / len(group(system.lattice, cfg.model.symmetry)[0])
+
+
+def fit(seconds: float, per_sample: float, most: int, chains: int) -> int:
+    """Samples (a multiple of the chains, at most `most`) that `seconds` allow; 0 if not one
+    per chain."""
+    return min(most, int(max(seconds, 0.0) / per_sample) // chains * chains)
+
+
+def measurement_seconds(cfg, sweep: float, energy: float, n: int, images: float) -> float:
+    """Predicted seconds of a measurement on n samples after steps of (sweep, energy) seconds:
+    sampler.n_thermalize burn-in sweeps, then n / n_samples steps' worth of sampling and local
+    energies, `images` times that under a larger projection, with the SAFETY margin."""
+    s = cfg.sampler
+    return SAFETY * images * (s.n_thermalize * sweep + n * (sweep + energy) / s.n_samples)
+
+
+def reserve(cfg, images: float, budget_s: float) -> Callable[[float, float], float]:
+    """Seconds kept after training: both final measurements at full size, at most MEASURE_SHARE
+    of the budget (`measurements` then takes fewer samples)."""
+    def seconds(sweep: float, energy: float) -> float:
+        full = (measurement_seconds(cfg, sweep, energy, cfg.sampler.n_samples_final, 1.0)
+                + measurement_seconds(cfg, sweep, energy, PROJECTED_SAMPLES, images))
+        return min(full, MEASURE_SHARE * budget_s)
+    return seconds
+
+
+def measurements(state, cfg, deadline: Deadline, end: float, ref) -> tuple[dict, dict]:
+    """The final measurements inside the time left: the trained state on up to
+    sampler.n_samples_final samples, then its projection on the full symmetry group
+    (translations x C4v x spin flip: it lowers the energy without retraining) on up to
+    PROJECTED_SAMPLES. The time left is shared in proportion to what both would cost at full
+    size; each takes the samples its share allows (`measurement_seconds`). The unprojected one
+    takes at least one sample per chain; the projected one is skipped (NaN) if not even that
+    fits."""
+    s, system = cfg.sampler, state.vstate.system
+    images = projection_images(cfg, system)
+    sweep, energy = deadline.phase_seconds()
+    burn = measurement_seconds(cfg, sweep, energy, 0, 1.0)
+    per_sample = measurement_seconds(cfg, sweep, energy, 1, 1.0) - burn
+    full = (measurement_seconds(cfg, sweep, energy, s.n_samples_final, 1.0),
+            measurement_seconds(cfg, sweep, energy, PROJECTED_SAMPLES, images))
+    left = end - time.perf_counter()
+    n = fit(left * full[0] / sum(full) - burn, per_sample, s.n_samples_final, s.n_chains)
+    final = with_reference(observables.energy(state.vstate, max(n, s.n_chains), state.step), ref)
+    left = end - time.perf_counter()
+    n = fit(left / images - burn, per_sample, PROJECTED_SAMPLES, s.n_chains)
+    if n == 0:
+        return final, {"energy_per_site": np.nan, "energy_error": np.nan, "relative_error": np.nan,
+                       "n_samples": 0}
+    projected = System.build(dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, symmetry="full", chunk_size=2048)))
+    return final, with_reference(observables.energy(state.vstate.replace(system=projected), n,
+                                                    state.step), ref)
+
+
+def bench(size: int, kind: str, seed: int, warm: float, minutes: float, overrides: list[str]) -> dict:
     start = time.perf_counter()
-    cfg = configure(kind, overrides)
+    end = start + minutes * 60
+    cfg = configure(size, kind, seed, overrides)
     system = System.build(cfg)
-    probe = Driver(system)
-    state = probe.fresh_state()
-    times, sampling = [], []
-    for _ in range(CALIBRATION_STEPS):
-        t = time.perf_counter()
-        state, rec = probe.step(state)
-        times.append(time.perf_counter() - t)
-        sampling.append(rec.t_sample + rec.t_energy)
-    per_step, per_estimate = (statistics.median(x[4:]) for x in (times, sampling))
-    # The measurements cost what sampling and local energies cost per step, scaled by their
-    # sample counts and (projected) by the group size: full (64 images) over the training one.
-    images = len(group(system.lattice, "full")[0]) / len(group(system.lattice, cfg.model.symmetry)[0])
-    reserve = SAFETY * per_estimate * (cfg.sampler.n_samples_final
-                                       + images * PROJECTED_SAMPLES) / cfg.sampler.n_samples
-    left = minutes * 60 - (time.perf_counter() - start) - reserve
-    n_iter = max(int(left / (per_step * 1.03)), 10)
-    run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, n_iter=n_iter))
-    driver = Driver(dataclasses.replace(system, cfg=run_cfg))  # same jitted functions
-    state = driver.fresh_state()
-    t_train = time.perf_counter()
+    params, warm_steps = (warm_params(size, kind, seed, overrides, start + warm * minutes * 60, system)
+                          if warm > 0 else (None, 0))
+    driver = Driver(system)
+    images = projection_images(cfg, system)
+    deadline = Deadline(end, reserve(cfg, images, minutes * 60))
     split: dict[str, list[float]] = {k: [] for k in SPLIT}
-    while state.step < n_iter:
-        state, rec = driver.step(state)
+
+    def log(state, rec, horizon: int) -> None:
         for k in SPLIT:
             split[k].append(getattr(rec, k))
         if state.step % 100 == 0:
-            print(f"  [{kind}] step {state.step}/{n_iter}: E/N = {rec.energy:.6f} "
+            print(f"  [{kind} seed {seed}] step {state.step}/{horizon}: E/N = {rec.energy:.6f} "
                   f"± {rec.energy_error:.6f}", flush=True)
+
+    t_train = time.perf_counter()
+    state, n_iter = train(driver, driver.fresh_state(params), deadline, cfg.run.n_iter, log)
     train_s = time.perf_counter() - t_train
     t_final = time.perf_counter()
     ref = reference_energy(cfg, system.hamiltonian)
-    final = with_reference(observables.energy(state.vstate, cfg.sampler.n_samples_final, state.step), ref)
-    t_projected = time.perf_counter()
-    # The same parameters, projected on the full symmetry group (translations x C4v x spin flip)
-    # for the final measurement only: it lowers the energy without retraining.
-    full_cfg = dataclasses.replace(run_cfg, model=dataclasses.replace(run_cfg.model, symmetry="full",
-                                                                      chunk_size=2048),
-                                   sampler=dataclasses.replace(run_cfg.sampler,
-                                                               n_samples_final=PROJECTED_SAMPLES))
-    full = System.build(full_cfg)
-    projected = with_reference(observables.energy(state.vstate.replace(system=full),
-                                              PROJECTED_SAMPLES, state.step), ref)
-    return {"attention": kind, "params": driver.n_params, "solver": driver.solver,
-            "symmetry": cfg.model.symmetry, "steps": n_iter, "seconds_per_step": train_s / n_iter,
+    final, projected = measurements(state, cfg, deadline, end, ref)
+    return {"L": size, "attention": kind, "seed": seed, "warm": warm, "warm_steps": warm_steps,
+            "params": driver.n_params, "solver": driver.solver, "symmetry": cfg.model.symmetry,
+            "J2": cfg.hamiltonian.J2, "steps": n_iter, "seconds_per_step": train_s / max(n_iter, 1),
             **{f"median_{k}": statistics.median(v) for k, v in split.items()},
             "energy_per_site": final["energy_per_site"], "energy_error": final["energy_error"],
-            "relative_error": final["relative_error"], "v_score": final["v_score"],
+            "reference": ref, "relative_error": final["relative_error"], "v_score": final["v_score"],
             "projected_energy": projected["energy_per_site"],
             "projected_error": projected["energy_error"],
             "projected_relative_error": projected["relative_error"],
-            "measure_seconds": t_projected - t_final,
-            "projected_measure_seconds": time.perf_counter() - t_projected,
+            "final_samples": final["n_samples"], "projected_samples": projected["n_samples"],
+            "measure_seconds": time.perf_counter() - t_final,
             "wall_minutes": (time.perf_counter() - start) / 60}
+
+
+def spread(values: list[float]) -> str:
+    v = np.asarray(values, float)
+    return (f"mean {np.mean(v):.2e}, std {np.std(v):.1e}, min {np.min(v):.2e}, max {np.max(v):.2e}"
+            if len(v) > 1 else f"{v[0]:.2e}")
+
+
+def report(rows: list[dict], minutes: float) -> None:
+    print(f"{'L':>2} {'attention':>10} {'seed':>4} {'warm':>4} {'params':>7} {'steps':>6} "
+          f"{'s/step':>7} {'E/N (S.S units)':>22} {'rel. error':>10} {'V-score':>8} "
+          f"{'E/N fully projected':>22} {'rel. error':>10} {'minutes':>8}")
+    for r in rows:
+        print(f"{r['L']:>2} {r['attention']:>10} {r['seed']:>4} {r['warm']:>4g} {r['params']:>7} "
+              f"{r['steps']:>6} {r['seconds_per_step']:>7.3f} "
+              f"{r['energy_per_site']:>12.6f} ± {r['energy_error']:.6f} {r['relative_error']:>10.2e} "
+              f"{r['v_score']:>8.4f} {r['projected_energy']:>12.6f} ± {r['projected_error']:.6f} "
+              f"{r['projected_relative_error']:>10.2e} {r['wall_minutes']:>8.1f}")
+    for r in rows:
+        inside = "inside" if r["wall_minutes"] <= minutes else "OVER"
+        print(f"{r['attention']} seed {r['seed']} warm {r['warm']:g}: {inside} the budget; warm-up "
+              f"steps {r['warm_steps']}; final measurements {r['measure_seconds']:.0f} s "
+              f"({r['final_samples']} samples, {r['projected_samples']} fully projected); median "
+              f"step: sampling {r['median_t_sample']:.3f} s, local energies "
+              f"{r['median_t_energy']:.3f} s, SR {r['median_t_sr']:.3f} s")
+    for key in sorted({(r["attention"], r["warm"]) for r in rows}):
+        group_rows = [r for r in rows if (r["attention"], r["warm"]) == key]
+        print(f"{key[0]} warm {key[1]:g} over {len(group_rows)} seed(s): relative error "
+              f"{spread([r['relative_error'] for r in group_rows])}; fully projected "
+              f"{spread([r['projected_relative_error'] for r in group_rows])}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=15.0)
+    ap.add_argument("--size", type=int, default=4, choices=sorted(BUDGET_MINUTES))
+    ap.add_argument("--minutes", type=float, help="budget per run (default: 15 for 4x4, 60 for 6x6)")
     ap.add_argument("--kinds", default="factored,standard")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--warm", default="0", help="fractions of the budget for a 4x4 warm start")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    print(f"4x4 J2=0.5, exact E/N = -0.5286202095; budget {args.minutes:g} min per kind on "
-          f"{os.cpu_count()} cores", flush=True)
-    rows = [bench(k, args.minutes, args.overrides) for k in args.kinds.split(",")]
-    print(f"{'attention':>10} {'params':>7} {'solver':>7} {'symmetry':>12} {'steps':>6} {'s/step':>7} "
-          f"{'E/N (S.S units)':>22} {'rel. error':>10} {'E/N fully projected':>22} {'rel. error':>10} "
-          f"{'minutes':>8}")
-    for r in rows:
-        print(f"{r['attention']:>10} {r['params']:>7} {r['solver']:>7} {r['symmetry']:>12} "
-              f"{r['steps']:>6} {r['seconds_per_step']:>7.3f} "
-              f"{r['energy_per_site']:>12.6f} ± {r['energy_error']:.6f} {r['relative_error']:>10.2e} "
-              f"{r['projected_energy']:>12.6f} ± {r['projected_error']:.6f} "
-              f"{r['projected_relative_error']:>10.2e} {r['wall_minutes']:>8.1f}")
-    for r in rows:
-        inside = "inside" if r["wall_minutes"] <= args.minutes else "OVER"
-        print(f"{r['attention']}: final measurement {r['measure_seconds']:.0f} s, projected "
-              f"measurement {r['projected_measure_seconds']:.0f} s ({inside} the budget); median step: "
-              f"sampling {r['median_t_sample']:.3f} s, local energies {r['median_t_energy']:.3f} s, "
-              f"SR {r['median_t_sr']:.3f} s")
+    minutes = args.minutes or BUDGET_MINUTES[args.size]
+    warms = [float(w) for w in args.warm.split(",")]
+    if args.size == WARM_L and any(warms):
+        ap.error(f"--warm needs --size > {WARM_L} (the warm start trains on {WARM_L}x{WARM_L})")
+    print(f"{args.size}x{args.size}: budget {minutes:g} min per run on {os.cpu_count()} cores; "
+          f"overrides: {' '.join(args.overrides) or 'none'}", flush=True)
+    rows = []
+    for kind in args.kinds.split(","):
+        for warm in warms:
+            for seed in (int(s) for s in args.seeds.split(",")):
+                rows.append(bench(args.size, kind, seed, warm, minutes, args.overrides))
+                report(rows[-1:], minutes)
+    print("\nall runs (E/N per site in S.S units; relative error against the reference table or "
+          "exact diagonalization):")
+    report(rows, minutes)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,0 +1,78 @@
+"""Training inside a wall-clock budget (`pipeline.deadline`): the horizon follows the measured step
+times, and a run that a competing load slows down halfway still ends inside its budget with its
+schedules at their final values."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline.deadline import Deadline, train
+from pipeline.driver import Driver
+
+from conftest import system_for
+
+
+def _step(seconds: float, sampling: float = 0.0) -> SimpleNamespace:
+    return SimpleNamespace(seconds=seconds, t_sample=sampling, t_energy=sampling / 2)
+
+
+def test_horizon_follows_the_step_times_and_the_reserve() -> None:
+    d = Deadline(end=1000.0, reserve=lambda sweep, energy: 10 * (sweep + energy), skip=2)
+    for s in (30.0, 30.0):  # compilation: left out
+        d.record(_step(s, 1.0))
+    for _ in range(8):
+        d.record(_step(1.0, 0.5))
+    # 1000 - 100 (now) - 10 * 0.75 (reserve) = 892.5 s left at 1 s per step
+    assert d.phase_seconds() == (0.5, 0.25)
+    assert d.horizon(10, now=100.0) == 10 + 892
+    for _ in range(3):  # a load starts: three steps at 4 s count at once (mean of the last 3)
+        d.record(_step(4.0, 2.0))
+    assert d.step_seconds() == pytest.approx(4.0)
+    assert d.horizon(13, now=120.0) == 13 + int((1000 - 120 - 10 * 0.75) // 4.0)
+    d.record(_step(1.0, 0.5))  # one fast step only partly undoes it (the mean of the last 3)
+    assert d.step_seconds() == pytest.approx(3.0)
+    assert d.horizon(14, now=999.0) == 14  # no time left: no more steps
+
+
+def _busy(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def test_a_load_that_starts_halfway_does_not_break_the_budget() -> None:
+    """40 s of training of a small 4x4 model; two busy processes (one per core here) start after
+    15 s. The run must end by its deadline (up to one slowed step) and with its learning rate
+    at lr_final: the schedules ended with the time, not at a step count chosen in advance."""
+    system = system_for(**{"model.d": 16, "sampler.n_samples": 512, "sampler.n_chains": 256,
+                           "optimizer.lr_final": 0.001, "optimizer.warmup": 5})
+    driver = Driver(system)
+    state = driver.fresh_state()
+    state, _ = driver.step(state)  # compile outside the budget
+    budget, reserve = 40.0, 3.0
+    start = time.perf_counter()
+    deadline = Deadline(start + budget, lambda sweep, energy: reserve)
+    records, load = [], []
+
+    def on_step(st, rec, horizon: int) -> None:
+        records.append((time.perf_counter() - start, rec, horizon))
+        if not load and time.perf_counter() - start > 15:
+            load.extend(_busy(2))
+
+    try:
+        state, horizon = train(driver, state, deadline, 10_000, on_step)
+    finally:
+        for p in load:
+            p.kill()
+    elapsed = time.perf_counter() - start
+    last_step = records[-1][1].seconds
+    assert load, "the load never started"
+    assert elapsed <= budget - reserve + last_step, (elapsed, last_step)
+    assert elapsed >= budget - reserve - 3 * last_step, "the run stopped early, leaving time unused"
+    assert state.step == horizon
+    lr_last = records[-1][1].lr
+    assert lr_last == pytest.approx(0.001, rel=0.05), lr_last
+    horizons = [h for _, _, h in records]
+    assert horizons[0] == 10_000 and horizons[-1] < 10_000
