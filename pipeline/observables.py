@@ -149,12 +149,16 @@ def fresh_samples(vstate: VariationalState, n_samples: int, step: int,
                   burn_in: int | None = None) -> tuple[VariationalState, Samples, int]:
     """(state, samples, samples per chain): `burn_in` sweeps (default sampler.n_thermalize) under
     these parameters are discarded first."""
-    cfg = vstate.system.cfg
-    n_per_chain = n_samples // cfg.sampler.n_chains
-    burn = cfg.sampler.n_thermalize if burn_in is None else burn_in
-    vs = vstate.thermalize(burn, FINAL_BURN_IN, step)
-    vs, smp = vs.sample(n_per_chain, FINAL, step)
+    n_per_chain = n_samples // vstate.system.cfg.sampler.n_chains
+    vs, smp = burned_in(vstate, step, burn_in).sample(n_per_chain, FINAL, step)
     return vs, smp, n_per_chain
+
+
+def burned_in(vstate: VariationalState, step: int, sweeps: int | None = None) -> VariationalState:
+    """The state after `sweeps` (default sampler.n_thermalize) discarded sweeps of every chain
+    under these parameters (and this projection): the burn-in before a measurement."""
+    burn = vstate.system.cfg.sampler.n_thermalize if sweeps is None else sweeps
+    return vstate.thermalize(burn, FINAL_BURN_IN, step)
 
 
 def energy_of(vs: VariationalState, smp: Samples, n_per_chain: int) -> dict[str, float]:

@@ -3,17 +3,19 @@ times, and a run that a competing load slows down halfway still ends inside its 
 schedules at their final values."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from pipeline.deadline import Deadline, train
 from pipeline.driver import Driver
 
-from conftest import system_for
+from conftest import ROOT, system_for
 
 
 def _step(seconds: float, sampling: float = 0.0) -> SimpleNamespace:
@@ -76,3 +78,21 @@ def test_a_load_that_starts_halfway_does_not_break_the_budget() -> None:
     assert lr_last == pytest.approx(0.001, rel=0.05), lr_last
     horizons = [h for _, _, h in records]
     assert horizons[0] == 10_000 and horizons[-1] < 10_000
+
+
+def test_accuracy_benchmark_with_a_warm_start_keeps_its_budget(tmp_path) -> None:
+    """`scripts/bench_accuracy --size 6 --warm 0.4` on a small model and a 1.5-minute budget: the
+    4x4 warm start, the 6x6 training and both measurements end inside it (compilation included,
+    start-up excluded), with steps on both sizes and finite energies."""
+    out = tmp_path / "rows.json"
+    small = ["model.d=8", "model.heads=2", "sampler.n_samples=256", "sampler.n_chains=128",
+             "sampler.n_thermalize=4"]
+    proc = subprocess.run([sys.executable, "scripts/bench_accuracy.py", "--size", "6", "--minutes",
+                           "1.5", "--kinds", "factored", "--warm", "0.4", "--json", str(out), *small],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["wall_minutes"] <= 1.5 + 0.05, row
+    assert row["warm_steps"] > 2 and row["steps"] > 2, row
+    assert row["final_samples"] >= 128 and np.isfinite(row["energy_per_site"]), row
+    assert row["energy_per_site"] > -0.50380965 - 5 * row["energy_error"], row  # variational
