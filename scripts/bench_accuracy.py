@@ -123,7 +123,8 @@ def measurements(state, cfg, deadline: Deadline, end: float, ref) -> tuple[dict,
     nothing = {"energy_per_site": np.nan, "energy_error": np.nan, "relative_error": np.nan,
                "n_samples": 0}
     images = projection_images(cfg, state.vstate.system)
-    if end - time.perf_counter() < SAFETY * images * (PROJECTED_BURN_IN + 1) * (sweep + energy):
+    least = measurement_seconds(cfg, sweep, energy, s.n_chains, images, PROJECTED_BURN_IN)
+    if end - time.perf_counter() < least:  # the same test as `reserve`'s
         return final, nothing
     projected = System.build(dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, symmetry="full", chunk_size=2048)))

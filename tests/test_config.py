@@ -85,7 +85,7 @@ def _compose(*overrides: str):
 
 @pytest.mark.parametrize("group,options", [
     ("model", ["vit_factored", "vit_standard"]), ("lattice", ["square", "shastry_sutherland"]),
-    ("launcher", ["local", "slurm"]), ("experiment", ["attention_study", "bench_4x4", "paper_4x4", "paper_6x6", "paper_8x8",
+    ("launcher", ["local", "slurm"]), ("experiment", ["attention_study", "bench_4x4", "bench_6x6", "paper_4x4", "paper_6x6", "paper_8x8",
                     "paper_10x10", "shastry_sutherland", "size_sweep"])])
 def test_every_config_composes_and_validates(group: str, options: list[str]) -> None:
     on_disk = sorted(f[:-5] for f in os.listdir(os.path.join(conf_dir(), group)) if f.endswith(".yaml"))
