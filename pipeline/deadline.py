@@ -11,6 +11,7 @@ cost. Compilation steps (the first `skip`) are left out of the estimates.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,13 @@ from .records import StepRecord
 WINDOW = 8
 SKIP = 2  # the first steps compile
 REBUILD = 0.02  # the schedules are re-set when the horizon moves by more than this fraction
+
+
+def schedule_end(horizon: int) -> int:
+    """Where the schedules reach their final values for a run that should end at `horizon`: a
+    margin of twice the rebuild threshold (at least 2 steps) before it, so a run that the clock
+    stops a little early (a load arriving near the end) still ends at the final learning rate."""
+    return max(1, horizon - max(2, math.ceil(2 * REBUILD * horizon)))
 
 
 @dataclass
@@ -69,7 +77,7 @@ def train(driver, state, deadline: Deadline, first_horizon: int,
     horizon. `first_horizon` holds until the compilation steps are done (unless even they leave
     no time: then the run ends there)."""
     horizon = first_horizon
-    driver.set_horizon(horizon)
+    driver.set_horizon(schedule_end(horizon))
     while state.step < horizon:
         state, rec = driver.step(state)
         deadline.record(rec)
@@ -78,7 +86,7 @@ def train(driver, state, deadline: Deadline, first_horizon: int,
             horizon = state.step
         elif len(deadline.steps) > deadline.skip and abs(new - horizon) > REBUILD * horizon:
             horizon = new
-            driver.set_horizon(horizon)
+            driver.set_horizon(schedule_end(horizon))
         if on_step:
             on_step(state, rec, horizon)
     return state, horizon

@@ -1,8 +1,11 @@
 """Metropolis sampling of |psi|^2 with spin-exchange moves (Sz is conserved).
 
-A proposal picks one exchange bond uniformly at random; if its two spins differ they are swapped
-and the move is accepted with min(1, |psi(s')/psi(s)|^2), otherwise nothing happens (the proposal
-is symmetric, so detailed balance holds). One sweep is N proposals.
+A proposal picks one of the m(s) exchange bonds whose two spins differ, uniformly, and swaps them:
+every proposal costs one forward pass and every one can move (picking among all bonds wastes the
+pass on aligned pairs, a third to a half of them). The proposal is not symmetric when the swap
+changes the number of anti-aligned bonds, so the move is accepted with the Metropolis-Hastings
+probability min(1, |psi(s')/psi(s)|^2 m(s)/m(s')), which keeps |psi|^2 stationary. One sweep is
+N proposals.
 
 Randomness is derived, never drawn from global state: the key of chain g at step t for purpose p
 is fold_in(fold_in(fold_in(PRNGKey(seed), p), t), g). A run with C chains in total therefore
@@ -71,28 +74,36 @@ def _run(logpsi: Callable, bonds: jax.Array, sweep: int, n_per_chain: int, param
 
     def draws(k):
         kb, ku = jax.random.split(k)
-        return (jax.random.randint(kb, (n_prop,), 0, bonds.shape[0]),
+        return (jax.random.uniform(kb, (n_prop,), dtype=jnp.float64),
                 jax.random.uniform(ku, (n_prop,), dtype=jnp.float64))
 
-    bond_idx, uniform = jax.vmap(draws)(keys)  # (C, T) each
+    pick, uniform = jax.vmap(draws)(keys)  # (C, T) each
+
+    def anti_aligned(s):
+        return s[:, bonds[:, 0]] != s[:, bonds[:, 1]]  # (C, B)
 
     def propose(t, carry):
-        s, lp, acc, prop = carry
-        b = bonds[bond_idx[:, t]]
+        s, lp, differ, acc, prop = carry
+        m = differ.sum(axis=1)
+        # the k-th anti-aligned bond, k uniform in [0, m): the first bond whose running count exceeds k
+        k = jnp.floor(pick[:, t] * m).astype(m.dtype)
+        b = bonds[jnp.argmax(jnp.cumsum(differ, axis=1) > k[:, None], axis=1)]
         si, sj = s[rows, b[:, 0]], s[rows, b[:, 1]]
-        differ = si != sj
         s_new = s.at[rows, b[:, 0]].set(sj).at[rows, b[:, 1]].set(si)
+        differ_new = anti_aligned(s_new)
+        m_new = differ_new.sum(axis=1)
         lp_new = logpsi(params, s_new)
-        ok = differ & (jnp.log(uniform[:, t]) < 2.0 * (lp_new.real - lp.real))
+        log_ratio = 2.0 * (lp_new.real - lp.real) + jnp.log(m) - jnp.log(m_new)
+        ok = (m > 0) & (jnp.log(uniform[:, t]) < log_ratio)
         s = jnp.where(ok[:, None], s_new, s)
-        lp = jnp.where(ok, lp_new, lp)
-        return s, lp, acc + ok.sum(), prop + differ.sum()
+        return (s, jnp.where(ok, lp_new, lp), jnp.where(ok[:, None], differ_new, differ), acc + ok.sum(),
+                prop + (m > 0).sum())
 
     def one_sample(carry, k):
         carry = jax.lax.fori_loop(k * sweep, (k + 1) * sweep, propose, carry)
         return carry, (carry[0], carry[1])
 
     zero = jnp.zeros((), jnp.int64)
-    init = (chains, logpsi(params, chains), zero, zero)
-    (chains, _, acc, prop), (s, lp) = jax.lax.scan(one_sample, init, jnp.arange(n_per_chain))
+    init = (chains, logpsi(params, chains), anti_aligned(chains), zero, zero)
+    (chains, _, _, acc, prop), (s, lp) = jax.lax.scan(one_sample, init, jnp.arange(n_per_chain))
     return chains, Samples(s.reshape(-1, s.shape[-1]), lp.reshape(-1), acc, prop)

@@ -3,7 +3,8 @@
 For each L and kind: parameters; forward passes per second of log psi on a batch of random Sz = 0
 configurations (median of --repeat timings after compilation); seconds per SR step and its split
 (sampling, local energies, SR) over --steps steps after two untimed ones (compilation); and the
-connected configurations per sample (what the local energies evaluate). Both kinds start from
+connected configurations per sample (what the local energies evaluate) and the XLA compilations
+during the timed steps (0 when no shape changes). Both kinds start from
 their own random initialization, so the step split also reflects how many bonds are anti-aligned.
 
 usage: python scripts/bench_cost.py [--sizes 4,6,8,10] [--steps 3] [--repeat 5] [--batch 4096]
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pipeline.backend import CompileCounter
 from pipeline.config import compose, validate
 from pipeline.driver import Driver
 from pipeline.system import System
@@ -52,6 +54,8 @@ def one(L: int, kind: str, args) -> dict:
     rate = forward_rate(system, state.vstate.params, args.batch, args.repeat)
     records = []
     for k in range(2 + args.steps):
+        if k == 2:
+            counter = CompileCounter()
         state, rec = driver.step(state)
         if k >= 2:
             records.append(rec)
@@ -62,6 +66,7 @@ def one(L: int, kind: str, args) -> dict:
     return {"L": L, "kind": kind, "P": driver.n_params, "forward_per_s": rate,
             "s_per_step": med("seconds"), "t_sample": med("t_sample"), "t_energy": med("t_energy"),
             "t_sr": med("t_sr"), "connected_per_sample": connected, "chunk": system.chunk,
+            "compiles_after_step_2": counter.count,
             "solver": driver.solver}
 
 
@@ -77,7 +82,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, {jax.devices()[0].platform}; {' '.join(DEFAULTS)} "
           f"{' '.join(args.overrides)}")
     print(f"{'L':>3} {'kind':<9} {'P':>7} {'fwd/s':>9} {'s/step':>7} {'sample':>7} {'energy':>7} "
-          f"{'sr':>7} {'conn/smp':>8} {'f/s ratio':>9} {'step ratio':>10}")
+          f"{'sr':>7} {'conn/smp':>8} {'compiles':>8} {'f/s ratio':>9} {'step ratio':>10}")
     rows = []
     for L in (int(x) for x in args.sizes.split(",")):
         pair = {kind: one(L, kind, args) for kind in ("factored", "standard")}
@@ -87,7 +92,7 @@ def main() -> None:
             ratio_s = pair["factored"]["s_per_step"] / pair["standard"]["s_per_step"]
             print(f"{L:3d} {kind:<9} {r['P']:7d} {r['forward_per_s']:9.0f} {r['s_per_step']:7.2f} "
                   f"{r['t_sample']:7.2f} {r['t_energy']:7.2f} {r['t_sr']:7.2f} "
-                  f"{r['connected_per_sample']:8.1f} "
+                  f"{r['connected_per_sample']:8.1f} {r['compiles_after_step_2']:8d} "
                   + (f"{ratio_f:9.2f} {ratio_s:10.2f}" if kind == "standard" else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:

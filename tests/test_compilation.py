@@ -4,6 +4,7 @@ sticky bucket)."""
 from __future__ import annotations
 
 from pipeline import hamiltonian, sampler, sr, state
+from pipeline.backend import CompileCounter
 from pipeline.driver import Driver
 from pipeline.system import System
 
@@ -24,8 +25,10 @@ def test_no_recompilation_after_the_first_steps() -> None:
     compiled = {name: f._cache_size() for name, f in JITTED.items()}
     assert all(n >= 1 for n in compiled.values()), compiled
     energies = []
+    counter = CompileCounter()  # every XLA compilation in the process, not only the listed ones
     for _ in range(30):
         st, record = driver.step(st)
         energies.append(record.energy)
     assert {name: f._cache_size() for name, f in JITTED.items()} == compiled
+    assert counter.count == 0
     assert max(energies) - min(energies) > 1e-3  # the state moved: the connected counts changed
