@@ -15,8 +15,8 @@ a separate .venv-bench with it, so the runtime environment never carries it).
 
 usage: python scripts/bench_vs_netket.py [--size 4] [--d 16] [--heads 2] [--layers 1]
            [--samples 1024] [--chains 1024] [--steps 10] [--warmup 3] [--chunk 0]
---chunk: configurations per forward pass on both sides (0: ours chooses automatically, NetKet
-evaluates the whole batch).
+--chunk: configurations per forward pass of ours (0: chosen automatically), and chunk // 32
+samples per chunk for NetKet (about as many connected configurations; 0: the whole batch).
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def netket_state(args, system):
                                             sweep_size=N)
     vs = nk.vqs.MCState(sampler, system.model, n_samples=args.samples, n_discard_per_chain=0,
                         variables={"params": system.init_params(0)}, seed=0, sampler_seed=1,
-                        chunk_size=args.chunk or None)
+                        chunk_size=min(args.samples, args.chunk // 32) if args.chunk else None)
     driver = nk.driver.VMC_SR(ham, optax.sgd(LR), diag_shift=SHIFT, momentum=MOMENTUM,
                               variational_state=vs, use_ntk=True)
     return vs, ham, driver
@@ -86,7 +86,8 @@ def check(args) -> dict:
     theirs_e = np.asarray(vs.local_estimators(ham).data).reshape(-1) / 4.0  # Pauli -> S.S units
     return {"logpsi": float(np.max(np.abs(ours_lp - theirs_lp))),
             "local_energy": float(np.max(np.abs(ours_e - theirs_e))),
-            "energy_per_site": float(np.mean(ours_e).real / system.n_sites)}
+            "energy_per_site": float(np.mean(ours_e).real / system.n_sites),
+            "n_params": system.n_params(params)}
 
 
 def time_ours(args) -> list[float]:
@@ -144,7 +145,8 @@ def main() -> None:
 
     agreement = run("check")["result"]
     bad = {k: v for k, v in agreement.items() if k in TOLERANCES and not v <= TOLERANCES[k]}
-    print(f"L={args.size}, d={args.d}, {args.heads} heads, {args.layers} layers, {args.samples} "
+    print(f"L={args.size}, d={args.d}, {args.heads} heads, {args.layers} layers, "
+          f"{agreement['n_params']} parameters, {args.samples} "
           f"samples on {args.chains} chains; agreement: max |d log psi| = {agreement['logpsi']:.1e}, "
           f"max |d E_loc| = {agreement['local_energy']:.1e} (E/N = {agreement['energy_per_site']:.6f}, "
           "S.S units)")
