@@ -24,10 +24,14 @@ SKIP = 2  # the first steps compile
 REBUILD = 0.02  # the schedules are re-set when the horizon moves by more than this fraction
 
 
-def schedule_end(horizon: int) -> int:
+def schedule_end(horizon: int, finetune_steps: int) -> int:
     """Where the schedules reach their final values for a run that should end at `horizon`: a
     margin of twice the rebuild threshold (at least 2 steps) before it, so a run that the clock
-    stops a little early (a load arriving near the end) still ends at the final learning rate."""
+    stops a little early (a load arriving near the end) still ends at the final learning rate.
+    With a fine-tuning phase the schedules are final before it anyway, and moving its start would
+    lengthen that phase of expensive projected steps: no margin then."""
+    if finetune_steps:
+        return horizon
     return max(1, horizon - max(2, math.ceil(2 * REBUILD * horizon)))
 
 
@@ -77,7 +81,7 @@ def train(driver, state, deadline: Deadline, first_horizon: int,
     horizon. `first_horizon` holds until the compilation steps are done (unless even they leave
     no time: then the run ends there)."""
     horizon = first_horizon
-    driver.set_horizon(schedule_end(horizon))
+    driver.set_horizon(schedule_end(horizon, driver.cfg.run.finetune_steps))
     while state.step < horizon:
         state, rec = driver.step(state)
         deadline.record(rec)
@@ -86,7 +90,7 @@ def train(driver, state, deadline: Deadline, first_horizon: int,
             horizon = state.step
         elif len(deadline.steps) > deadline.skip and abs(new - horizon) > REBUILD * horizon:
             horizon = new
-            driver.set_horizon(schedule_end(horizon))
+            driver.set_horizon(schedule_end(horizon, driver.cfg.run.finetune_steps))
         if on_step:
             on_step(state, rec, horizon)
     return state, horizon
