@@ -7,7 +7,7 @@ the budget unused when a passing load inflated the calibration. Here the estimat
 step's cost is the larger of the median of the last `window` steps and the mean of the last
 three (a load that starts now counts at once, one slow step does not halve the horizon), and a
 `reserve` for what follows training (final measurements) is recomputed from the recent sampling
-cost. Compilation steps (the first `skip`) are left out of the estimates.
+cost and the measured cost of compilation. Compilation steps (the first `skip`) are left out of the estimates.
 """
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ class Deadline:
     """When training must end, from `end` (a time.perf_counter() value) minus a reserve."""
 
     end: float
-    reserve: Callable[[float, float], float]  # seconds kept after training, from the recent
-    # seconds per step of sampling (one sweep of every chain) and of local energies
+    reserve: Callable[[float, float, float], float]  # seconds kept after training, from the
+    # recent seconds per step of sampling (one sweep of every chain) and of local energies, and
+    # from the cost of one compilation (`compile_seconds`)
     window: int = WINDOW
     skip: int = SKIP
     steps: list[float] = field(default_factory=list)
@@ -65,8 +66,13 @@ class Deadline:
         """Recent (sampling, local energies) seconds per step: medians over the window."""
         return statistics.median(self._recent(self.sweeps)), statistics.median(self._recent(self.energies))
 
+    def compile_seconds(self) -> float:
+        """What the costliest compilation step took beyond a recent step: the allowance for a
+        compilation still to come (a measurement of another shape or projection)."""
+        return max(max(self.steps[:self.skip], default=0.0) - self.step_seconds(), 0.0)
+
     def reserve_seconds(self) -> float:
-        return self.reserve(*self.phase_seconds())
+        return self.reserve(*self.phase_seconds(), self.compile_seconds())
 
     def horizon(self, step: int, now: float | None = None) -> int:
         """The total number of steps that fit: `step` done plus those the time left allows."""

@@ -25,6 +25,7 @@ Local values are real parts (the imaginary parts average to zero for these Hermi
 """
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import Callable
 
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import backend  # noqa: F401  (device pinning, float64)
+from . import backend, dist  # noqa: F401  (backend: device pinning, float64)
 from .hamiltonian import apply_chunked
 from .lattice import Lattice
 from .sampler import FINAL, FINAL_BURN_IN, Samples
@@ -163,13 +164,46 @@ def burned_in(vstate: VariationalState, step: int, sweeps: int | None = None) ->
 
 def energy_of(vs: VariationalState, smp: Samples, n_per_chain: int) -> dict[str, float]:
     """Energy per site (S.S units) with error, variance, V-score, R-hat and acceptance."""
-    st = vs.statistics(vs.local_energies(smp), n_per_chain)
+    return _energy_summary(vs, vs.local_energies(smp), n_per_chain, vs.acceptance(smp))
+
+
+def _energy_summary(vs: VariationalState, e_loc: jax.Array, n_per_chain: int,
+                    acceptance: float) -> dict[str, float]:
+    st = vs.statistics(e_loc, n_per_chain)
     N = vs.system.n_sites
     mean = float(st.mean.real)
     return {"energy_per_site": mean / N, "energy_error": float(st.error) / N,
             "energy_imag": float(st.mean.imag) / N, "variance_per_site": float(st.variance) / N,
             "v_score": N * float(st.variance) / mean ** 2, "r_hat": float(st.r_hat),
-            "acceptance": vs.acceptance(smp), "n_samples": n_per_chain * vs.system.cfg.sampler.n_chains}
+            "acceptance": acceptance, "n_samples": n_per_chain * vs.system.cfg.sampler.n_chains}
+
+
+def energy_within(vstate: VariationalState, step: int, burn_in: int, block: int, most: int,
+                  until: float, safety: float) -> dict[str, float]:
+    """The energy (as `energy_of`) inside a time budget: after `burn_in` discarded sweeps
+    (rounded up to whole blocks), fresh samples are drawn `block` sweeps of every chain at a
+    time, each block with its own random streams, until `most` samples or until the next block,
+    at the last one's cost times `safety`, would end after `until` (a time.perf_counter()
+    value). The first block is always drawn: it pays any compilation, so its cost over-estimates
+    the next. The estimator stays unbiased (when to stop depends on the clock, not on the
+    values); rank 0's clock decides for every rank. A `block` equal to the training steps'
+    sweeps reuses their compiled sampler and local energies."""
+    C = vstate.system.cfg.sampler.n_chains
+    vs = vstate
+    for k in range(-(-burn_in // block)):  # the burn-in in blocks too: one sampler to compile
+        vs, _ = vs.sample(block, FINAL_BURN_IN, step, k)
+    energies, accepted, proposed = [], 0, 0
+    while True:
+        t0 = time.perf_counter()
+        vs, smp = vs.sample(block, FINAL, step, len(energies))
+        energies.append(jax.block_until_ready(vs.local_energies(smp)))
+        accepted, proposed = accepted + smp.accepted, proposed + smp.proposed
+        now = time.perf_counter()
+        full = (len(energies) + 1) * block * C > most
+        if dist.bcast_object(full or now + safety * (now - t0) > until):
+            break
+    acceptance = VariationalState.acceptance(smp._replace(accepted=accepted, proposed=proposed))
+    return _energy_summary(vs, jnp.concatenate(energies), len(energies) * block, acceptance)
 
 
 def energy(vstate: VariationalState, n_samples: int, step: int) -> dict[str, float]:

@@ -38,9 +38,12 @@ class Samples(NamedTuple):
     proposed: jax.Array  # proposals whose spins differed, summed over local chains
 
 
-def chain_keys(seed: int, purpose: int, step: int, global_ids: jax.Array) -> jax.Array:
-    """One key per chain: fold_in(seed) -> purpose -> step -> global chain index."""
+def chain_keys(seed: int, purpose: int, step: int, global_ids: jax.Array, block: int = 0) -> jax.Array:
+    """One key per chain: fold_in(seed) -> purpose -> step [-> block, if not 0] -> global chain
+    index. Blocks are the successive sampler calls of one measurement drawn piece by piece."""
     k = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), purpose), step)
+    if block:
+        k = jax.random.fold_in(k, block)
     return jax.vmap(lambda g: jax.random.fold_in(k, g))(global_ids)
 
 

@@ -63,10 +63,12 @@ class VariationalState:
         return self.system.n_params(self.params)
 
     # ---- sampling --------------------------------------------------------------------------
-    def sample(self, n_per_chain: int, purpose: int, step: int) -> tuple["VariationalState", Samples]:
-        """n_per_chain samples from every chain (one per sweep); returns the advanced state."""
+    def sample(self, n_per_chain: int, purpose: int, step: int,
+               block: int = 0) -> tuple["VariationalState", Samples]:
+        """n_per_chain samples from every chain (one per sweep); returns the advanced state.
+        `block` numbers the calls of a measurement drawn piece by piece (own random streams)."""
         chains, smp = self.system.sampler.run(self.params, self.chains,
-                                              _keys(self.system, purpose, step), n_per_chain)
+                                              _keys(self.system, purpose, step, block), n_per_chain)
         return self.replace(chains=chains), smp
 
     def thermalize(self, n_sweeps: int, purpose: int, step: int) -> "VariationalState":
@@ -97,7 +99,7 @@ class VariationalState:
         return float(_acceptance(samples.accepted, samples.proposed))
 
 
-def _keys(system: System, purpose: int, step: int) -> jax.Array:
+def _keys(system: System, purpose: int, step: int, block: int = 0) -> jax.Array:
     n_local = system.cfg.sampler.n_chains // dist.size()
     ids = jnp.arange(n_local) + dist.rank() * n_local
-    return chain_keys(system.cfg.run.seed, purpose, step, ids)
+    return chain_keys(system.cfg.run.seed, purpose, step, ids, block)

@@ -6,9 +6,9 @@ The budget covers everything after start-up: compilation, the warm-start run, tr
 final measurements. The schedules' horizon follows the measured step time during the run
 (`pipeline.deadline`), so a load that comes or goes shortens or lengthens the run instead of
 overrunning or idling. Training keeps a reserve for the final measurements (what they cost at
-full size, predicted from the step phases, at most MEASURE_SHARE of the budget), and the
-measurements take as many samples (up to sampler.n_samples_final and PROJECTED_SAMPLES) as the
-time left allows.
+full size, predicted from the step phases and the measured cost of a compilation, at most
+MEASURE_SHARE of the budget), and the measurements draw samples block by block (up to
+sampler.n_samples_final and PROJECTED_SAMPLES) while the time left allows.
 
 --size 4 uses conf/experiment/bench_4x4.yaml (15 minutes), --size 6 bench_6x6.yaml (60 minutes).
 --warm F (F > 0, size > 4): the first fraction F of the budget trains the same model on 4x4, whose
@@ -27,7 +27,6 @@ import statistics
 import time
 from typing import Callable
 
-import jax
 import numpy as np
 
 from pipeline import observables, warmstart
@@ -56,7 +55,7 @@ def configure(size: int, kind: str, seed: int, overrides: list[str]):
 def warm_params(size: int, kind: str, seed: int, overrides: list[str], until: float, system):
     """Parameters for `system` from a run of the same model on 4x4 that ends at `until`."""
     small = Driver(System.build(configure(size, kind, seed, [*overrides, f"lattice.L={WARM_L}"])))
-    state, steps = train(small, small.fresh_state(), Deadline(until, lambda sweep, energy: 0.0),
+    state, steps = train(small, small.fresh_state(), Deadline(until, lambda *phases: 0.0),
                          small.cfg.run.n_iter)
     b = system.lattice.patch
     params = warmstart.map_params(state.vstate.params, system.init_params(seed), WARM_L // b,
@@ -69,75 +68,63 @@ def projection_images(cfg, system) -> float:
     return len(group(system.lattice, "full")[0]) / len(group(system.lattice, cfg.model.symmetry)[0])
 
 
-def fit(seconds: float, per_sample: float, most: int, chains: int) -> int:
-    """Samples (a multiple of the chains, at most `most`) that `seconds` allow; 0 if not one
-    per chain."""
-    return min(most, int(max(seconds, 0.0) / per_sample) // chains * chains)
-
-
 def measurement_seconds(cfg, sweep: float, energy: float, n: int, images: float = 1.0,
-                        burn: int | None = None) -> float:
-    """Predicted seconds of a measurement on n samples after steps of (sweep, energy) seconds:
-    `burn` (default sampler.n_thermalize) burn-in sweeps, then n / n_samples steps' worth of
-    sampling and local energies, `images` times that under a larger projection, with the SAFETY
-    margin."""
+                        burn: int | None = None, compile_s: float = 0.0) -> float:
+    """Predicted seconds of a measurement on n samples (`observables.energy_within` in blocks of
+    a training step's sweeps) after steps of (sweep, energy) seconds of sampling and local
+    energies: `compile_s`, then `burn` (default sampler.n_thermalize) burn-in sweeps rounded up
+    to whole blocks, then n / n_samples steps' worth of sampling and local energies, `images`
+    times that under a larger projection, with the SAFETY margin."""
     s = cfg.sampler
     burn = s.n_thermalize if burn is None else burn
-    return SAFETY * images * (burn * sweep + n * (sweep + energy) / s.n_samples)
+    block = s.n_samples // s.n_chains
+    steps = -(-burn // block) * sweep + n * (sweep + energy) / s.n_samples
+    return SAFETY * (compile_s + images * steps)
 
 
-def reserve(cfg, images: float, budget_s: float) -> Callable[[float, float], float]:
+def reserve(cfg, images: float, budget_s: float) -> Callable[[float, float, float], float]:
     """Seconds kept after training: both final measurements at full size, at most MEASURE_SHARE
     of the budget (`measurements` then takes fewer samples); only the unprojected one when the
-    cap leaves no room for the projected one's burn-in and one sample per chain."""
+    cap leaves no room for the projected one's compilation, burn-in and first block."""
     s = cfg.sampler
     cap = MEASURE_SHARE * budget_s
 
-    def seconds(sweep: float, energy: float) -> float:
+    def seconds(sweep: float, energy: float, compile_s: float) -> float:
         final = measurement_seconds(cfg, sweep, energy, s.n_samples_final)
-        projected = [measurement_seconds(cfg, sweep, energy, n, images, PROJECTED_BURN_IN)
-                     for n in (s.n_chains, PROJECTED_SAMPLES)]
-        return min(final + (projected[1] if final + projected[0] <= cap else 0.0), cap)
+        least, most = (measurement_seconds(cfg, sweep, energy, n, images, PROJECTED_BURN_IN, compile_s)
+                       for n in (s.n_samples, PROJECTED_SAMPLES))
+        return min(final + (most if final + least <= cap else 0.0), cap)
     return seconds
 
 
 def measurements(state, cfg, deadline: Deadline, end: float, ref) -> tuple[dict, dict]:
-    """The final measurements inside the time left: the trained state on up to
-    sampler.n_samples_final samples within FINAL_SHARE of the time left, then its projection on
-    the full symmetry group (translations x C4v x spin flip: it lowers the energy without
-    retraining) on up to PROJECTED_SAMPLES within the rest. The first count comes from the
-    recent step phases; the second from the projected burn-in, timed (compilation included): a
-    projected sample costs that sweep time, and local energies in the training steps' proportion
-    to it. Its burn-in is PROJECTED_BURN_IN sweeps: the chains come equilibrated under the same
-    parameters with the training's projection (20 sweeps under the 64-image projection took
-    about 3 minutes on 4x4 here, a fifth of the budget). The unprojected one takes at least one
-    sample per chain; the projected one is skipped (NaN) if its burn-in and one sample per chain
-    do not fit."""
+    """The final measurements inside the time left, each drawn one block (a training step's
+    sweeps, whose compiled sampler it reuses) at a time until its sample count or its time is
+    reached (`observables.energy_within`): the trained state on up to sampler.n_samples_final
+    samples within FINAL_SHARE of the time left (all of it when the projected one does not fit),
+    then its projection on the full symmetry group (translations x C4v x spin flip: it lowers the
+    energy without retraining) on up to PROJECTED_SAMPLES within the rest. The projected one
+    burns in PROJECTED_BURN_IN sweeps: the chains come equilibrated under the same parameters
+    with the training's projection (20 sweeps under the 64-image projection took about 3
+    minutes on 4x4 here, a fifth of the budget). It is skipped (NaN) when its compilation (the
+    training's, measured), burn-in and first block do not fit, the same test as `reserve`'s."""
     s = cfg.sampler
-    sweep, energy = deadline.phase_seconds()
-    burn = measurement_seconds(cfg, sweep, energy, 0)
-    per_sample = measurement_seconds(cfg, sweep, energy, 1) - burn
-    n = fit((end - time.perf_counter()) * FINAL_SHARE - burn, per_sample, s.n_samples_final,
-            s.n_chains)
-    final = with_reference(observables.energy(state.vstate, max(n, s.n_chains), state.step), ref)
-    nothing = {"energy_per_site": np.nan, "energy_error": np.nan, "relative_error": np.nan,
-               "n_samples": 0}
+    block = s.n_samples // s.n_chains
     images = projection_images(cfg, state.vstate.system)
-    least = measurement_seconds(cfg, sweep, energy, s.n_chains, images, PROJECTED_BURN_IN)
-    if end - time.perf_counter() < least:  # the same test as `reserve`'s
-        return final, nothing
+    least = measurement_seconds(cfg, *deadline.phase_seconds(), s.n_samples, images,
+                                PROJECTED_BURN_IN, deadline.compile_seconds())
+    now = time.perf_counter()
+    share = FINAL_SHARE if (1 - FINAL_SHARE) * (end - now) >= least else 1.0
+    final = observables.energy_within(state.vstate, state.step, s.n_thermalize, block,
+                                      s.n_samples_final, now + share * (end - now), SAFETY)
+    if end - time.perf_counter() < least:
+        return with_reference(final, ref), {"energy_per_site": np.nan, "energy_error": np.nan,
+                                            "relative_error": np.nan, "n_samples": 0}
     projected = System.build(dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, symmetry="full", chunk_size=2048)))
-    t0 = time.perf_counter()
-    vs = observables.burned_in(state.vstate.replace(system=projected), state.step, PROJECTED_BURN_IN)
-    jax.block_until_ready(vs.chains)
-    per_sweep = (time.perf_counter() - t0) / PROJECTED_BURN_IN
-    per_sample = SAFETY * per_sweep * (sweep + energy) / sweep / s.n_chains
-    n = fit(end - time.perf_counter(), per_sample, PROJECTED_SAMPLES, s.n_chains)
-    if n == 0:
-        return final, nothing
-    vs, smp, n_per_chain = observables.fresh_samples(vs, n, state.step, burn_in=0)
-    return final, with_reference(observables.energy_of(vs, smp, n_per_chain), ref)
+    vs = state.vstate.replace(system=projected)
+    return with_reference(final, ref), with_reference(observables.energy_within(
+        vs, state.step, PROJECTED_BURN_IN, block, PROJECTED_SAMPLES, end, SAFETY), ref)
 
 
 def bench(size: int, kind: str, seed: int, warm: float, minutes: float, overrides: list[str]) -> dict:

@@ -136,6 +136,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.side:
         return side(args)
+
     def run(which: str) -> dict:
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", which],
                              capture_output=True, text=True)

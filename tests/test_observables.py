@@ -3,6 +3,7 @@ operators; measurements of a trained run against exact diagonalization, on 1 and
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import numpy as np
@@ -97,6 +98,32 @@ def test_exact_ground_state_correlations_obey_sum_rules() -> None:
     energy = sum(J * g[i, j] for (i, j), J in zip(ham_ed.bonds, ham_ed.J)) / 16
     assert energy == pytest.approx(e0, abs=1e-10)
     assert abs(g.sum()) < 1e-10  # a singlet: S_tot^2 = 0
+
+
+# ---- the time-boxed energy against the exact variational energy ---------------------------------
+def test_energy_in_blocks_matches_the_exact_variational_energy_and_keeps_its_time_box() -> None:
+    """`energy_within` on a random 4x4 state: with time to spare it draws exactly `most` samples
+    in blocks with their own streams, and its mean is the exact <psi|H|psi>/<psi|psi> (all 12870
+    Sz = 0 states) within 4 error bars; with no time left it draws one block only."""
+    from pipeline.sampler import Samples
+    from pipeline.state import VariationalState
+
+    system = system_for(**{"model.d": 8, "model.heads": 2, "sampler.n_chains": 64,
+                           "sampler.n_samples": 128, "sampler.n_thermalize": 30})
+    params = randomized(system.init_params(0), jax.random.PRNGKey(1), 0.2)
+    vs = VariationalState.fresh(system, params)
+    s_all = jax.numpy.asarray(exact.configs(exact.sz0_basis(16), 16))
+    lp = system.logpsi(params, s_all)
+    e_loc = np.asarray(vs.local_energies(Samples(s_all, lp, 0, 0))).real
+    w = np.exp(2 * (np.asarray(lp.real) - np.max(lp.real)))
+    e_exact = float(np.sum(w * e_loc) / np.sum(w)) / 16
+
+    got = observables.energy_within(vs, 0, 10, 2, 64 * 2 * 40, time.perf_counter() + 600, 1.3)
+    assert got["n_samples"] == 64 * 2 * 40
+    assert abs(got["energy_per_site"] - e_exact) < 4 * got["energy_error"], (got, e_exact)
+    assert 0 < got["energy_error"] < 0.01 and 0 < got["acceptance"] < 1
+    late = observables.energy_within(vs, 0, 10, 2, 64 * 2 * 40, time.perf_counter(), 1.3)
+    assert late["n_samples"] == 64 * 2
 
 
 # ---- measurements of a trained run ---------------------------------------------------------------
