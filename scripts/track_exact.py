@@ -5,7 +5,12 @@ then where the remaining error sits: the sign structure or the amplitudes.
 The exact sums are not timed and do not touch the run (its random streams and updates are those of
 an ordinary run). Used for the tables in README, "Accuracy per wall-clock budget".
 
-usage: python scripts/track_exact.py [--kind factored] [--steps 300] [--every 50] [key=value ...]
+--gram-float32 replaces `pipeline.sr.gram` in this process by a float32 product (the kernel
+X X^T accumulated in single precision, the solve still in float64): the experiment behind
+`scripts/bench_gram`.
+
+usage: python scripts/track_exact.py [--kind factored] [--seed 0] [--steps 300] [--every 50]
+                                     [--gram-float32] [key=value ...]
 """
 from __future__ import annotations
 
@@ -13,10 +18,11 @@ import argparse
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bench_accuracy import configure
-from pipeline import exact
+from pipeline import exact, sr
 from pipeline.driver import Driver
 from pipeline.system import System
 
@@ -37,6 +43,12 @@ def state_vector(system: System, basis: np.ndarray):
     return vector
 
 
+def gram_float32(X: jax.Array) -> jax.Array:
+    """X X^T accumulated in float32, returned in X's precision."""
+    X32 = X.astype(jnp.float32)
+    return (X32 @ X32.T).astype(X.dtype)
+
+
 def energy(h, psi: np.ndarray, n_sites: int) -> float:
     return float(np.real(np.vdot(psi, h @ psi))) / n_sites
 
@@ -46,9 +58,13 @@ def main() -> None:
     ap.add_argument("--kind", default="factored")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gram-float32", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    cfg = configure(args.kind, [*args.overrides, f"run.n_iter={args.steps}"])
+    cfg = configure(4, args.kind, args.seed, [*args.overrides, f"run.n_iter={args.steps}"])
+    if args.gram_float32:
+        sr.gram = gram_float32
     system = System.build(cfg)
     N = system.n_sites
     h, basis = exact.sparse_hamiltonian(system.hamiltonian)

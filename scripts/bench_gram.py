@@ -1,0 +1,76 @@
+"""Float32 against float64 for the kernel X X^T of minSR (the (2n x 2n) Gram matrix of the
+centred, scaled Jacobian rows), on the 4x4 accuracy-benchmark model.
+
+1. Cost and error of the product alone: X of the benchmark's shape (2 x sampler.n_samples rows, P
+   columns, Gaussian entries), median of --repeat timings after compilation of
+   `pipeline.sr.gram` (float64, upper block triangle) and of the float32 product; the relative
+   error of T and of the regularized solve (T + lambda I)^{-1} e with lambda =
+   optimizer.diag_shift_final (the smallest shift of a run).
+2. The effect on training: `scripts/track_exact` run twice in separate processes (--steps steps,
+   same seed), in float64 and with --gram-float32; both exact-energy trajectories are printed.
+   float64 stays the default unless the trajectories agree to the Monte Carlo error bar.
+
+usage: python scripts/bench_gram.py [--kind factored] [--repeat 5] [--steps 150] [--every 25]
+                                    [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench_accuracy import configure
+from pipeline import sr
+from pipeline.system import System
+from track_exact import gram_float32
+
+
+def timed(f, X, repeat: int) -> tuple[float, jax.Array]:
+    out = jax.block_until_ready(f(X))
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(X))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kind", default="factored")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--every", type=int, default=25)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    cfg = configure(4, args.kind, 0, args.overrides)
+    system = System.build(cfg)
+    P = system.n_params(system.init_params(0))
+    n = 2 * cfg.sampler.n_samples
+    X = jax.random.normal(jax.random.PRNGKey(0), (n, P), jnp.float64) / np.sqrt(n)
+    t64, T64 = timed(jax.jit(sr.gram), X, args.repeat)
+    t32, T32 = timed(jax.jit(gram_float32), X, args.repeat)
+    lam = cfg.optimizer.diag_shift_final
+    e = jax.random.normal(jax.random.PRNGKey(1), (n,), jnp.float64)
+    y64, y32 = (np.linalg.solve(np.asarray(T) + lam * np.eye(n), np.asarray(e)) for T in (T64, T32))
+    print(f"machine: {os.cpu_count()} cores; X {n} x {P}: X X^T float64 {t64:.3f} s, float32 "
+          f"{t32:.3f} s ({t32 / t64:.2f}x); relative error of T "
+          f"{np.linalg.norm(T32 - T64) / np.linalg.norm(T64):.1e}, of the solve at shift {lam:g} "
+          f"{np.linalg.norm(y32 - y64) / np.linalg.norm(y64):.1e}", flush=True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for flag in ([], ["--gram-float32"]):
+        print(f"\n== track_exact {' '.join(flag) or '(float64)'}", flush=True)
+        subprocess.run([sys.executable, os.path.join(here, "track_exact.py"), "--kind", args.kind,
+                        "--steps", str(args.steps), "--every", str(args.every), *flag,
+                        *args.overrides], check=True)
+
+
+if __name__ == "__main__":
+    main()
