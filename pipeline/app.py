@@ -105,7 +105,8 @@ def run_job(cfg: DictConfig | Config, run_dir: str, progress_bar: bool = True,
     with dist.abort_on_error(), contextlib.ExitStack() as owned:
         c = validate(cfg, dist.size())
         here = dist.ranks_on_this_node()
-        dist.root_decides(lambda: budget.check(c, dist.size(), *budget.machine_bytes(here)))
+        dist.root_decides(lambda: budget.check(c, dist.size(), *budget.machine_bytes(here),
+                                              platform=jax.default_backend()))
         run_dir = dist.root_decides(lambda: rundir.check(run_dir))
         me = dist.root_decides(lambda: owned.enter_context(rundir.owned(run_dir)))
         _setup_logging(run_dir)
@@ -163,7 +164,8 @@ def _train(c: Config, run_dir: str, progress_bar: bool, me: dict, overrides: lis
     dist.print0(f"{c.model.name}: {driver.n_params} parameters, SR solver {driver.solver} "
                 f"({driver.preconditioner.reason}), {c.sampler.n_samples} samples on "
                 f"{c.sampler.n_chains} chains over {dist.size()} rank(s), forward passes in chunks of "
-                f"{system.chunk} configurations; run dir {run_dir}")
+                f"{system.chunk} configurations, Jacobian in chunks of "
+                f"{system.jacobian_chunk or 'all'} samples; run dir {run_dir}")
     log.info("SR solver %s: %s", driver.solver, driver.preconditioner.reason)
     state = restore_or_fresh(driver, ck.directory)
     finished = dist.root_decides(

@@ -19,8 +19,14 @@ BASE_BYTES = 0.8e9  # Python, JAX runtime, MPI and compiled code: RSS of the sma
 GRAM_BLOCKS_MAX_BYTES = 2 ** 30  # above this size of X the Gram block copies cost more than they save
 DENSE_MAX_PARAMS = 4096
 KERNEL_MAX_ROWS = 8192
-FORWARD_BYTES = 2 ** 28  # activations of one forward-pass chunk under model.chunk_size=0 (auto)
-MIN_CHUNK = 256
+FORWARD_BYTES = 2 ** 28  # accelerators: activations of one forward chunk under model.chunk_size=0
+MIN_CHUNK = 256  # accelerators: the smallest automatic forward chunk
+# CPU: chunks whose working set stays in cache. Measured on the 2-core machine (docs/benchmarks.md):
+# forward passes of 16384 configurations ran 2.6-3.5x slower per configuration than of 64-256, and
+# Jacobians of 1024 samples at once 2x slower than 16-32 samples at a time.
+CACHE_FORWARD_BYTES = 2 ** 20  # activations of one forward chunk (about one core's L2 cache)
+CACHE_JACOBIAN_BYTES = 2 ** 23  # Jacobian rows (2P float64 each) and activations of one chunk
+MIN_CPU_CHUNK = 32
 
 
 def choose_solver(solver: Solver | str, n_params: int, n_total: int,
@@ -70,23 +76,49 @@ def per_config_bytes(c: Config, backward: bool = False) -> float:
     return 8.0 * per * group_size(c)
 
 
-def forward_chunk(c: Config) -> int:
-    """Configurations per forward pass of the local energies and measurements: model.chunk_size,
-    or for 0 the largest power of two whose activations fit FORWARD_BYTES (at least MIN_CHUNK).
-    The whole batch at once was 1.8x slower and 4.3x larger at 6x6 (d = 32, 4 heads, 2 layers)
-    than chunks of 16384, which is what this gives there; 4x4 models stay in one chunk."""
+def _power_of_two(fit: float, least: int) -> int:
+    """The largest power of two not above `fit`, at least `least`."""
+    return max(least, 1 << max(int(fit), 1).bit_length() - 1)
+
+
+def forward_chunk(c: Config, platform: str) -> int:
+    """Configurations per forward pass (sampler sweeps, local energies, measurements):
+    model.chunk_size, or for 0 the largest power of two whose activations fit in cache on CPU
+    (CACHE_FORWARD_BYTES, at least MIN_CPU_CHUNK) or in FORWARD_BYTES on an accelerator (at least
+    MIN_CHUNK), where large batches keep it busy."""
     if c.model.chunk_size:
         return c.model.chunk_size
-    fit = int(FORWARD_BYTES // per_config_bytes(c))
-    return max(MIN_CHUNK, 1 << max(fit, 1).bit_length() - 1)
+    if platform == "cpu":
+        return _power_of_two(CACHE_FORWARD_BYTES / per_config_bytes(c), MIN_CPU_CHUNK)
+    return _power_of_two(FORWARD_BYTES / per_config_bytes(c), MIN_CHUNK)
 
 
-def sr_bytes(P: int, n_total: int, K: int, path: str, chunk: int) -> dict[str, float]:
+def jacobian_chunk(c: Config, platform: str) -> int:
+    """Samples per Jacobian chunk: model.chunk_size, or for 0 on CPU the largest power of two
+    whose Jacobian rows and backward activations fit CACHE_JACOBIAN_BYTES, on an accelerator 0
+    (all of a rank's samples at once)."""
+    if c.model.chunk_size:
+        return c.model.chunk_size
+    if platform != "cpu":
+        return 0
+    per_sample = 16.0 * n_params(c) + per_config_bytes(c, backward=True)
+    return _power_of_two(CACHE_JACOBIAN_BYTES / per_sample, 1)
+
+
+def rows_per_chunk(n: int, chunk: int) -> int:
+    """The largest divisor of n not above `chunk` (0: all n at once), so n rows split evenly."""
+    k = chunk if chunk > 0 else n
+    return max(d for d in range(1, min(n, k) + 1) if n % d == 0)
+
+
+def sr_bytes(P: int, n_total: int, K: int, path: str, chunk: int,
+             platform: str = "cpu") -> dict[str, float]:
     """Bytes per rank (float64) that the SR solve holds at its peak, by term.
     Kernel forms: X: 'kernel' holds its column block of all rows, 2 N_tot ceil(P/K) (one rank:
     all of X, built and centred in place); 'kernel_gather' holds its own rows and all gathered
-    rows, 2 N_tot P (1 + 1/K) on K > 1 ranks; where that block is at most GRAM_BLOCKS_MAX_BYTES, the
-    symmetric Gram build copies it once more; chunk: the Jacobian rows of one chunk with their
+    rows, 2 N_tot P (1 + 1/K) on K > 1 ranks; off CPU, where that block is at most
+    GRAM_BLOCKS_MAX_BYTES, the symmetric Gram build copies it once more (on CPU BLAS reads it in
+    place); chunk: the Jacobian rows of one chunk with their
     activations and re-sharded copy, 4 chunk P; kernel: T, T + lambda I and its Cholesky factor,
     3 (2 N_tot)^2. 'dense': S, its shifted copy and factor, 3 P^2, plus the local rows of X;
     'cg': the local rows of X and their products."""
@@ -101,29 +133,34 @@ def sr_bytes(P: int, n_total: int, K: int, path: str, chunk: int) -> dict[str, f
         x = gram = m * -(-P // K)
     else:
         x, gram = m * P * (1 + 1 / K), m * P / K  # the gather path builds row blocks, no Gram
-    x += gram if 8 * gram <= GRAM_BLOCKS_MAX_BYTES and (K == 1 or path == "kernel") else 0
+    blocks = platform != "cpu" and 8 * gram <= GRAM_BLOCKS_MAX_BYTES
+    x += gram if blocks and (K == 1 or path == "kernel") else 0
     return {"X": 8.0 * x, "chunk": 8.0 * 4 * chunk * P, "kernel": 8.0 * 3 * m * m}
 
 
-def per_rank(c: Config, K: int) -> dict[str, float]:
-    """Estimated peak bytes per rank by term, and their 'total' (with the runtime's base)."""
+def per_rank(c: Config, K: int, platform: str = "cpu") -> dict[str, float]:
+    """Estimated peak bytes per rank by term, and their 'total' (with the runtime's base). The
+    CPU chunks are the smaller ones, so where the platform is not known (a SLURM submission) the
+    default keeps the estimate a lower bound."""
     P, N = n_params(c), c.sampler.n_samples
     solver, _ = choose_solver(c.optimizer.solver, P, N, K)
     # chunk 0: X is built in one piece; a chunk beyond this rank's samples is one piece too
-    rows = min(c.model.chunk_size or N // K, N // K)
-    terms = sr_bytes(P, N, K, solver, rows if c.model.chunk_size else 0)
+    jac = jacobian_chunk(c, platform)
+    rows = min(jac or N // K, N // K)
+    terms = sr_bytes(P, N, K, solver, rows if jac else 0, platform)
     terms["jacobian_activations"] = rows * per_config_bytes(c, backward=True)
-    # the largest forward batch: all chains of a sampler sweep, or the local energies of a step's
-    # or the final measurement's samples (about half of the 2N (4N with J2) bonds anti-aligned)
+    # the largest forward batch: one chunk of a sampler sweep over this rank's chains or of the
+    # local energies of a step's or the final measurement's samples (about half of the 2N (4N
+    # with J2) bonds anti-aligned)
     connected = (max(N, c.sampler.n_samples_final) // K) * c.lattice.L ** 2
-    batch = max(min(connected, forward_chunk(c)), c.sampler.n_chains // K)
+    batch = min(max(connected, c.sampler.n_chains // K), forward_chunk(c, platform))
     terms["activations"] = batch * per_config_bytes(c)
     return terms | {"total": sum(terms.values()) + BASE_BYTES}
 
 
-def check(c: Config, K: int, available: float, where: str) -> None:
+def check(c: Config, K: int, available: float, where: str, platform: str = "cpu") -> None:
     """ConfigError (one line) when the estimate exceeds `available` bytes per rank."""
-    need = per_rank(c, K)
+    need = per_rank(c, K, platform)
     if need["total"] > available:
         big = max((k for k in need if k != "total"), key=need.__getitem__)
         raise ConfigError(

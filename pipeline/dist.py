@@ -115,6 +115,13 @@ def root_decides(decide: Callable[[], Any]) -> Any:
     return value
 
 
+def host_allreduce_sum(a: np.ndarray) -> np.ndarray:
+    """Sum of a contiguous host array over ranks, in place (outside jit); identity at size 1."""
+    if size() > 1:
+        world().Allreduce(_mpi().IN_PLACE, a.T if a.flags.f_contiguous else a, op=_mpi().SUM)
+    return a
+
+
 def gather_rows(x: np.ndarray) -> np.ndarray | None:
     """Concatenate every rank's rows on rank 0 (rank order); None elsewhere."""
     if size() == 1:

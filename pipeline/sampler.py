@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import backend  # noqa: F401  (device pinning, float64)
+from .budget import rows_per_chunk
 
 # Purposes of the random streams (the second fold_in). FINAL_BURN_IN: the sweeps discarded before
 # a measurement, under the parameters being measured.
@@ -56,21 +57,44 @@ def init_chains(keys: jax.Array, n_sites: int) -> jax.Array:
 
 @dataclass(frozen=True, eq=False)
 class ExchangeSampler:
-    """Exchange-move Metropolis over `bonds`, `sweep` proposals between recorded samples."""
+    """Exchange-move Metropolis over `bonds`, `sweep` proposals between recorded samples. The
+    chains run in groups of at most `group` (a divisor of their number), one group after the
+    other: on CPU a group's forward passes then stay in cache (`budget.forward_chunk`). Every
+    chain's moves depend on its own key only, so the grouping does not change the samples."""
 
     logpsi: Callable
     bonds: np.ndarray
     sweep: int
+    group: int = 0  # 0: all chains at once
 
     def run(self, params, chains: jax.Array, keys: jax.Array, n_per_chain: int) -> tuple[jax.Array, Samples]:
         """Advance every chain by n_per_chain sweeps, recording one sample after each."""
-        return _run(self.logpsi, jnp.asarray(self.bonds), self.sweep, n_per_chain, params,
+        group = rows_per_chunk(chains.shape[0], self.group)
+        return _run(self.logpsi, jnp.asarray(self.bonds), self.sweep, n_per_chain, group, params,
                     chains, keys)
 
 
-@partial(jax.jit, static_argnames=("logpsi", "sweep", "n_per_chain"))
-def _run(logpsi: Callable, bonds: jax.Array, sweep: int, n_per_chain: int, params,
+@partial(jax.jit, static_argnames=("logpsi", "sweep", "n_per_chain", "group"))
+def _run(logpsi: Callable, bonds: jax.Array, sweep: int, n_per_chain: int, group: int, params,
          chains: jax.Array, keys: jax.Array) -> tuple[jax.Array, Samples]:
+    n_chains, n_sites = chains.shape
+    if group == n_chains:
+        chains, s, lp, acc, prop = _sweeps(logpsi, bonds, sweep, n_per_chain, params, chains, keys)
+    else:
+        split = lambda x: x.reshape(n_chains // group, group, *x.shape[1:])  # noqa: E731
+        chains, s, lp, acc, prop = jax.lax.map(
+            lambda ck: _sweeps(logpsi, bonds, sweep, n_per_chain, params, *ck),
+            (split(chains), split(keys)))
+        # (groups, samples, group, ...) -> (samples, chains, ...): sample-major, chains in order
+        chains, acc, prop = chains.reshape(n_chains, n_sites), acc.sum(), prop.sum()
+        s, lp = (x.swapaxes(0, 1).reshape(n_per_chain, n_chains, *x.shape[3:]) for x in (s, lp))
+    return chains, Samples(s.reshape(-1, n_sites), lp.reshape(-1), acc, prop)
+
+
+def _sweeps(logpsi: Callable, bonds: jax.Array, sweep: int, n_per_chain: int, params,
+            chains: jax.Array, keys: jax.Array):
+    """n_per_chain sweeps of `chains`: (chains, samples (S, C, N), log psi (S, C), accepted,
+    proposed)."""
     n_chains = chains.shape[0]
     n_prop = sweep * n_per_chain
     rows = jnp.arange(n_chains)
@@ -109,4 +133,4 @@ def _run(logpsi: Callable, bonds: jax.Array, sweep: int, n_per_chain: int, param
     zero = jnp.zeros((), jnp.int64)
     init = (chains, logpsi(params, chains), anti_aligned(chains), zero, zero)
     (chains, _, _, acc, prop), (s, lp) = jax.lax.scan(one_sample, init, jnp.arange(n_per_chain))
-    return chains, Samples(s.reshape(-1, s.shape[-1]), lp.reshape(-1), acc, prop)
+    return chains, s, lp, acc, prop

@@ -9,7 +9,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from .budget import forward_chunk
+from .budget import forward_chunk, jacobian_chunk
 from .config import Config, Symmetry
 from .hamiltonian import Hamiltonian
 from .lattice import Lattice
@@ -32,6 +32,7 @@ class System:
     logpsi: Callable
     sampler: ExchangeSampler
     chunk: int  # configurations per forward pass (budget.forward_chunk)
+    jacobian_chunk: int  # samples per Jacobian chunk, 0: all at once (budget.jacobian_chunk)
 
     @classmethod
     def build(cls, cfg: Config) -> "System":
@@ -44,8 +45,10 @@ class System:
         logpsi = project(partial(_apply, model), *group(lat, str(m.symmetry)))
         moves = lat.bonds1 if not cfg.sampler.next_nearest_moves else np.concatenate(
             [lat.bonds1, lat.bonds2])
-        sampler = ExchangeSampler(logpsi, moves, cfg.sampler.sweep_size or lat.n_sites)
-        return cls(cfg, lat, ham, model, logpsi, sampler, forward_chunk(cfg))
+        platform = jax.default_backend()
+        chunk = forward_chunk(cfg, platform)
+        sampler = ExchangeSampler(logpsi, moves, cfg.sampler.sweep_size or lat.n_sites, chunk)
+        return cls(cfg, lat, ham, model, logpsi, sampler, chunk, jacobian_chunk(cfg, platform))
 
     def with_symmetry(self, symmetry: str) -> "System":
         """The same system with log psi projected onto another group (this one if unchanged)."""

@@ -20,7 +20,6 @@ usage: python scripts/bench_accuracy.py [--size 4|6] [--minutes M] [--kinds fact
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -120,8 +119,7 @@ def measurements(state, cfg, deadline: Deadline, end: float, ref) -> tuple[dict,
     if end - time.perf_counter() < least:
         return with_reference(final, ref), {"energy_per_site": np.nan, "energy_error": np.nan,
                                             "relative_error": np.nan, "n_samples": 0}
-    projected = System.build(dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, symmetry="full", chunk_size=2048)))
+    projected = state.vstate.system.with_symmetry("full")
     vs = state.vstate.replace(system=projected)
     return with_reference(final, ref), with_reference(observables.energy_within(
         vs, state.step, PROJECTED_BURN_IN, block, PROJECTED_SAMPLES, end, SAFETY), ref)

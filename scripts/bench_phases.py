@@ -1,7 +1,7 @@
 """Time the phases of one SR step on fixed inputs (no sampling noise): the SR direction
 (Jacobian, kernel build and solve), the Jacobian alone and the local energies, median and minimum
 of several repetitions. Settings: the 4x4 accuracy benchmark's model (d = 32, 4 heads, 1 layer,
-translation projection, chunk 1024) on 1024 random Sz = 0 configurations, unless overridden.
+translation projection, automatic chunks) on 1024 random Sz = 0 configurations, unless overridden.
 
 To compare two versions of the code, run it in both checkouts (e.g. a `git worktree` of the older
 commit, with PYTHONPATH pointing at it), alternately, on a quiet machine.
@@ -23,8 +23,7 @@ from pipeline.config import compose, validate
 from pipeline.hamiltonian import local_energies
 from pipeline.system import System
 
-DEFAULTS = ["model.d=32", "model.heads=4", "model.symmetry=translations", "model.chunk_size=1024",
-            "optimizer.solver=kernel"]
+DEFAULTS = ["model.d=32", "model.heads=4", "model.symmetry=translations", "optimizer.solver=kernel"]
 
 
 def main() -> None:
@@ -36,24 +35,24 @@ def main() -> None:
     c = validate(compose([*DEFAULTS, *args.overrides]))
     system = System.build(c)
     params = system.init_params(0)
-    n, chunk = c.sampler.n_samples, c.model.chunk_size
+    n, chunk, rows = c.sampler.n_samples, system.chunk, system.jacobian_chunk
     rng = np.random.default_rng(0)
     base = np.repeat([1, -1], system.n_sites // 2).astype(np.int8)
     s = jnp.asarray(np.stack([rng.permutation(base) for _ in range(n)]))
     eloc = jnp.asarray(rng.normal(size=n) + 1j * rng.normal(size=n))
     lp = system.logpsi(params, s)
     zero = jax.tree_util.tree_map(jnp.zeros_like, params)
-    jac = jax.jit(lambda p, x: sr.jacobian(system.logpsi, p, x, chunk))
+    jac = jax.jit(lambda p, x: sr.jacobian(system.logpsi, p, x, rows))
     phases = {
         "SR direction": lambda: sr.direction(system.logpsi, params, s, eloc, n, jnp.asarray(1e-3),
-                                             jnp.asarray(10.0), str(c.optimizer.solver), chunk,
+                                             jnp.asarray(10.0), str(c.optimizer.solver), rows,
                                              1e-6, 10, zero, jnp.asarray(0.9)),
         "Jacobian": lambda: jac(params, s),
         "local energies": lambda: local_energies(system.hamiltonian, system.logpsi, params, s, lp,
                                                  chunk),
     }
-    print(f"{args.label} P={system.n_params(params)} samples={n} (seconds: median, min of "
-          f"{args.repeat})")
+    print(f"{args.label} P={system.n_params(params)} samples={n} forward chunk {chunk} Jacobian "
+          f"chunk {rows or 'all'} (seconds: median, min of {args.repeat})")
     for name, f in phases.items():
         jax.block_until_ready(f())  # compile
         times = []

@@ -11,7 +11,7 @@ from pipeline.system import System
 from conftest import make_config
 
 JITTED = {"local energies": hamiltonian._local, "connected count": hamiltonian._count,
-          "sampler": sampler._run, "SR direction": sr.direction, "statistics": state._stats,
+          "sampler": sampler._run, "SR rows": sr.rows, "SR solve": sr.solve_rows, "statistics": state._stats,
           "acceptance": state._acceptance}
 
 

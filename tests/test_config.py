@@ -193,20 +193,40 @@ def test_memory_estimate_refuses_what_cannot_fit_and_passes_the_default() -> Non
     budget.check(big, 16, 16e9, "a 16 GB GPU")  # the published run on 16 ranks fits
 
 
-def test_automatic_forward_chunk_follows_the_model_and_the_projection() -> None:
-    """model.chunk_size=0: one chunk for the 4x4 defaults (~35k connected configurations), 16384
-    for the 6x6 model whose whole-batch default was slow and fat, smaller under projection;
-    an explicit value wins."""
+def test_automatic_forward_chunk_follows_the_model_the_projection_and_the_platform() -> None:
+    """model.chunk_size=0 on an accelerator: one chunk for the 4x4 defaults (~35k connected
+    configurations), 16384 for the 6x6 model whose whole-batch default was slow and fat, smaller
+    under projection. On CPU: chunks of about 1 MiB of activations (in cache), here 512 and 64.
+    An explicit value wins everywhere."""
     from pipeline import budget
 
-    assert budget.forward_chunk(make_config()) >= 1024 * 34
-    six = {"lattice.L": 6, "model.d": 32, "model.heads": 4, "model.layers": 2}
+    six_kw = {"lattice.L": 6, "model.d": 32, "model.heads": 4, "model.layers": 2}
+    six = make_config(**six_kw)
+    assert budget.forward_chunk(make_config(), "gpu") >= 1024 * 34
     for kind in ("factored", "standard"):
-        assert budget.forward_chunk(make_config(**six, **{"model.attention": kind})) == 16384
-    full = budget.forward_chunk(make_config(**{"model.d": 32, "model.symmetry": "full"}))
+        assert budget.forward_chunk(make_config(**six_kw, **{"model.attention": kind}), "gpu") == 16384
+    full = budget.forward_chunk(make_config(**{"model.d": 32, "model.symmetry": "full"}), "gpu")
     assert budget.MIN_CHUNK <= full <= 2048 and full & (full - 1) == 0
-    assert budget.forward_chunk(make_config(**{"model.chunk_size": 300})) == 300
-    assert budget.forward_chunk(make_config(**{"lattice.L": 40, "model.d": 512})) == budget.MIN_CHUNK
+    assert budget.forward_chunk(make_config(**{"lattice.L": 40, "model.d": 512}), "gpu") == budget.MIN_CHUNK
+    assert budget.forward_chunk(make_config(), "cpu") == 512  # 4 patches x 64 x 8 bytes each
+    assert budget.forward_chunk(six, "cpu") == 64  # 9 patches x 128 x 8 bytes: 113 fit
+    assert budget.forward_chunk(make_config(**{"lattice.L": 40, "model.d": 512}), "cpu") == \
+        budget.MIN_CPU_CHUNK
+    for platform in ("cpu", "gpu"):
+        assert budget.forward_chunk(make_config(**{"model.chunk_size": 300}), platform) == 300
+
+
+def test_automatic_jacobian_chunk_fits_rows_and_activations_in_cache_on_cpu() -> None:
+    """model.chunk_size=0: on CPU 2P float64 per Jacobian row plus the backward activations in
+    CACHE_JACOBIAN_BYTES (P = 23464 on 6x6: 16 samples), on an accelerator all samples at once."""
+    from pipeline import budget
+
+    six = make_config(**{"lattice.L": 6, "model.d": 32, "model.heads": 4, "model.layers": 2})
+    assert budget.n_params(six) == 23464
+    assert budget.jacobian_chunk(six, "cpu") == 16
+    assert budget.jacobian_chunk(six, "gpu") == 0
+    assert budget.jacobian_chunk(make_config(**{"model.chunk_size": 300}), "cpu") == 300
+    assert budget.rows_per_chunk(1000, 16) == 10 and budget.rows_per_chunk(1000, 0) == 1000
 
 
 def test_memory_estimate_covers_the_final_measurement_and_caps_the_jacobian_chunk() -> None:

@@ -41,6 +41,10 @@ def test_solvers_agree(n: int, P: int, momentum: float, kappa: float) -> None:
     shift = jnp.asarray(1e-3)
     sols = {name: np.asarray(sr.solve(X, e, n, shift, name, 1e-12, 2000, previous, momentum)[0])
             for name in ("dense", "cg", "kernel")}
+    # the kernel system solved on the host (BLAS syrk, LAPACK Cholesky), as `direction` does on CPU
+    y = sr.host_kernel_solve(X, sr._kernel_rhs(X, e, previous, momentum, False), n, 1e-3, False)
+    sols["kernel, host solve"] = np.asarray(
+        sr.solve(X, e, n, shift, "kernel", 1e-12, 2000, previous, momentum, y)[0])
     # Reference: S and F written out from the formulas of science.md; with momentum, SPRING in
     # its sample-space form phi = Y^T (Y Y^T + lambda)^{-1} (eps - mu Y phi_prev) + mu phi_prev,
     # Y = [Re dO; Im dO] / sqrt(n), eps = [Re dE; Im dE] / sqrt(n). The phase scale kappa
@@ -64,7 +68,18 @@ def test_solvers_agree(n: int, P: int, momentum: float, kappa: float) -> None:
 @pytest.mark.parametrize("rows,blocks", [(74, 4), (74, 3), (9, 1), (5, 4)])
 def test_symmetric_gram_equals_full_product(rows: int, blocks: int) -> None:
     X = jnp.asarray(np.random.default_rng(rows).normal(size=(rows, 23)))
-    np.testing.assert_allclose(sr.gram(X, blocks), X @ X.T, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(sr.gram_blocks(X, blocks), X @ X.T, rtol=1e-13, atol=1e-13)
+
+
+def test_host_kernel_solve_falls_back_to_the_eigen_solve_when_not_positive_definite() -> None:
+    """A negative shift makes X X^T / n + lambda I indefinite: the host solve then gives the
+    clipped eigen-solve of `_spd_solve`, not a failed Cholesky."""
+    X = jnp.asarray(np.random.default_rng(3).normal(size=(12, 30)))
+    zeta = jnp.asarray(np.random.default_rng(4).normal(size=12))
+    T = np.asarray(X) @ np.asarray(X).T / 5 - 5.0 * np.eye(12)
+    assert np.linalg.eigvalsh(T).min() < 0
+    y = sr.host_kernel_solve(X, zeta, 5, -5.0, False)
+    np.testing.assert_allclose(y, sr._spd_solve(jnp.asarray(T), zeta), rtol=1e-10, atol=1e-12)
 
 
 def test_dense_solver_falls_back_when_not_positive_definite() -> None:
