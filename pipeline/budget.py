@@ -23,8 +23,10 @@ FORWARD_BYTES = 2 ** 28  # accelerators: activations of one forward chunk under 
 MIN_CHUNK = 256  # accelerators: the smallest automatic forward chunk
 # CPU: chunks whose working set stays in cache. Measured on the 2-core machine (docs/benchmarks.md):
 # forward passes of 16384 configurations ran 2.6-3.5x slower per configuration than of 64-256, and
-# Jacobians of 1024 samples at once 2x slower than 16-32 samples at a time.
-CACHE_FORWARD_BYTES = 2 ** 20  # activations of one forward chunk (about one core's L2 cache)
+# Jacobians of 1024 samples at once 2x slower than 16-32 samples at a time; local energies and
+# sampler sweeps were fastest with about 3 MiB of activations per chunk (256 configurations on
+# 6x6, 512 on 4x4 at d = 32), smaller chunks lose to the loop's overhead.
+CACHE_FORWARD_BYTES = 3 * 2 ** 20  # activations of one forward chunk
 CACHE_JACOBIAN_BYTES = 2 ** 23  # Jacobian rows (2P float64 each) and activations of one chunk
 MIN_CPU_CHUNK = 32
 

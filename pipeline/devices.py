@@ -1,8 +1,9 @@
 """Process placement, decided from the environment before JAX is imported (no jax import here).
 
 One GPU per rank: CUDA_VISIBLE_DEVICES is set from the node-local rank that SLURM or the MPI
-launcher exports, unless the user set it. With several ranks on one CPU node, XLA is kept to
-one thread per rank so that ranks do not fight over cores.
+launcher exports, unless the user set it. With several ranks on one CPU node, XLA and BLAS (the
+host kernel solve, `sr.host_kernel_solve`) are kept to one thread per rank so that ranks do not
+fight over cores.
 """
 from __future__ import annotations
 
@@ -38,3 +39,5 @@ def pin() -> None:
     if local_size() > 1 and "intra_op_parallelism_threads" not in flags:
         os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false"
                                    " intra_op_parallelism_threads=1").strip()
+    if local_size() > 1:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

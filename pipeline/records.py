@@ -27,7 +27,7 @@ class StepRecord:
     diag_shift: float  # lambda of (S + lambda I)
     phase_scale: float  # kappa: phase step / amplitude step
     cg_iterations: int  # CG iterations (0 for the direct solvers)
-    sr_residual: float  # |(S + lambda) x - rhs| / |rhs| of the solve
+    sr_residual: float  # relative residual of the solve (kernel solvers: of the kernel system)
     bytes_comm: int  # bytes each rank received from SR collectives (0 on one rank)
 
     def as_dict(self) -> dict[str, float]:

@@ -57,7 +57,8 @@ GRAM_BLOCKS = 4  # row blocks of X for the kernel X X^T: 10 of 16 block products
 
 class SRInfo(NamedTuple):
     cg_iterations: jax.Array
-    residual: jax.Array  # |(S + lambda) x - F| / |F|
+    residual: jax.Array  # relative residual of the solved system: parameter space (dense, cg),
+    # or the kernel system |(T + lambda) y - zeta| / |zeta| (kernel solvers)
 
 
 def bytes_per_step(solver: str, n_params: int, n_total: int, cg_iterations: int = 0,
@@ -66,8 +67,10 @@ def bytes_per_step(solver: str, n_params: int, n_total: int, cg_iterations: int 
     P, m, K = n_params, 2 * n_total, n_ranks
     body = {"dense": 2 * P + P * P + P,  # <O>, F, S, residual
             "cg": 2 * P + P * (1 + cg_iterations),
-            "kernel": 2 * P + m * P * (K - 1) // (K * K) + m * m + 3 * m + 2 * P,
-            "kernel_gather": 2 * P + m * (P + 1 + m) + 2 * P}[solver]
+            # all-to-all of X, kernel, zeta, direction blocks
+            "kernel": m * P * (K - 1) // (K * K) + m * m + m + P,
+            # <O>, X gathered, kernel row blocks, zeta, direction
+            "kernel_gather": 2 * P + m * P + m * m + m + P}[solver]
     return 8 * body
 
 
@@ -83,25 +86,29 @@ def _jacobian_of_chunk(logpsi: Callable, params) -> tuple[jax.Array, Callable]:
     return flat, jax.vmap(jax.jacrev(re_im), in_axes=(None, 0), out_axes=1)
 
 
-def _jacobian_and_sum(logpsi: Callable, params, s: jax.Array, chunk: int
-                      ) -> tuple[jax.Array, jax.Array]:
-    """The Jacobian (2, n, P) (see `jacobian`) and its sum over this rank's samples (2, 1, P),
-    accumulated inside the loop that builds it: read afterwards, XLA would copy the buffer."""
+def _jacobian_and_sum(logpsi: Callable, params, s: jax.Array, chunk: int,
+                      phi: jax.Array | None = None
+                      ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """The Jacobian (2, n, P) (see `jacobian`), its sum over this rank's samples (2, 1, P) and,
+    given phi (P,), its product with phi (2, n), all inside the loop that builds it: read
+    afterwards, XLA would copy the buffer or pass over it once more."""
     flat, jac = _jacobian_of_chunk(logpsi, params)
-    n = s.shape[0]
+    n, want = s.shape[0], phi is not None
     c = rows_per_chunk(n, chunk)
-    if c == n:
-        J = jac(flat, s)
-        return J, J.sum(1, keepdims=True)
 
     def body(i, carry):
-        buf, total = carry
+        buf, total, prod = carry
         J = jac(flat, jax.lax.dynamic_slice_in_dim(s, i * c, c))
+        if want:
+            prod = jax.lax.dynamic_update_slice(prod, J @ phi, (0, i * c))
         return (jax.lax.dynamic_update_slice(buf, J, (0, i * c, 0)),
-                total + J.sum(1, keepdims=True))
+                total + J.sum(1, keepdims=True), prod)
 
-    zero = jnp.zeros((2, n, flat.size), flat.dtype)
-    return jax.lax.fori_loop(0, n // c, body, (zero, jnp.zeros((2, 1, flat.size), flat.dtype)))
+    zero = (jnp.zeros((2, n, flat.size), flat.dtype), jnp.zeros((2, 1, flat.size), flat.dtype),
+            jnp.zeros((2, n if want else 0), flat.dtype))
+    J, total, prod = (body(0, zero) if c == n else
+                      jax.lax.fori_loop(0, n // c, body, zero))
+    return J, total, prod if want else None
 
 
 def jacobian(logpsi: Callable, params, s: jax.Array, chunk: int = 0) -> jax.Array:
@@ -189,26 +196,27 @@ def _cg(matvec: Callable, b: jax.Array, tol: float, maxiter: int) -> tuple[jax.A
 
 
 def host_kernel_solve(X: jax.Array, zeta: jax.Array, n_total: int, diag_shift: float,
-                      summed: bool) -> jax.Array:
-    """y = (X X^T / N_tot + lambda I)^{-1} zeta on the host by BLAS and LAPACK, for a concrete X
-    on CPU (between the two jitted stages of `direction`): syrk builds one triangle of X X^T
-    reading X in place (X.T of the row-major X is column-major), `summed`: over ranks (the
-    distributed kernel's column blocks), then a Cholesky factorization in place, or, if T is
-    not numerically positive definite, the clipped eigen-solve of `_spd_solve`. On the 2-core
-    machine this takes 0.18 + 0.08 s for 2048 x 3368 where XLA took 0.32 + 0.15 s (the block
-    build and its Cholesky); as a callback inside jit, syrk was slower than the blocks (an XLA
-    worker thread spinning beside it)."""
-    T = dist.host_allreduce_sum(scipy.linalg.blas.dsyrk(1.0 / n_total, np.asarray(X).T, trans=1))
-    T[np.diag_indices_from(T)] += diag_shift
+                      summed: bool) -> tuple[jax.Array, jax.Array]:
+    """y = (X X^T / N_tot + lambda I)^{-1} zeta and the relative residual of that system, on the
+    host by BLAS and LAPACK for a concrete X on CPU (between the two jitted stages of
+    `direction`): syrk builds one triangle of X X^T reading X in place (X.T of the row-major X
+    is column-major), `summed`: over ranks (the distributed kernel's column blocks), then a
+    Cholesky factorization, or, if T is not numerically positive definite, the clipped
+    eigen-solve of `_spd_solve`. On the 2-core machine this takes 0.18 + 0.08 s for 2048 x 3368
+    where XLA took 0.32 + 0.15 s (the block build and its Cholesky); as a callback inside jit,
+    syrk was slower than the blocks (an XLA worker thread spinning beside it)."""
+    A = dist.host_allreduce_sum(scipy.linalg.blas.dsyrk(1.0 / n_total, np.asarray(X).T, trans=1))
+    A[np.diag_indices_from(A)] += diag_shift
     b = np.asarray(zeta)
-    factor, info = scipy.linalg.lapack.dpotrf(T, lower=0, clean=0, overwrite_a=0)
+    factor, info = scipy.linalg.lapack.dpotrf(A, lower=0, clean=0, overwrite_a=0)
     if info == 0:
         y, info = scipy.linalg.lapack.dpotrs(factor, b, lower=0)
     if info != 0:
-        w, V = scipy.linalg.eigh(T, lower=False)
+        w, V = scipy.linalg.eigh(A, lower=False)
         cutoff = 1e-12 * np.max(np.abs(w))
         y = V @ (np.where(w > cutoff, 1.0 / np.where(w > cutoff, w, 1.0), 0.0) * (V.T @ b))
-    return jnp.asarray(y)
+    r = scipy.linalg.blas.dsymv(1.0, A, y, lower=0) - b
+    return jnp.asarray(y), jnp.asarray(np.linalg.norm(r) / max(np.linalg.norm(b), 1e-300))
 
 
 def gram_blocks(X: jax.Array, blocks: int = GRAM_BLOCKS) -> jax.Array:
@@ -226,12 +234,12 @@ def gram_blocks(X: jax.Array, blocks: int = GRAM_BLOCKS) -> jax.Array:
 
 
 def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solver: str,
-          cg_tol: float, cg_maxiter: int, previous: jax.Array, momentum: jax.Array | float,
-          y: jax.Array | None = None) -> tuple[jax.Array, SRInfo]:
-    """The SR direction (S + lambda I)^{-1} (F + mu lambda phi) from this rank's rows X, e and
-    the previous direction phi (see module doc; mu = 0 is plain SR). y: the kernel system's
-    solution if already solved (`host_kernel_solve`; kernel solvers on one rank). Products with
-    X^T are written v @ X: XLA would materialize X.T for X.T @ v."""
+          cg_tol: float, cg_maxiter: int, previous: jax.Array,
+          momentum: jax.Array | float) -> tuple[jax.Array, SRInfo]:
+    """The SR direction (S + lambda I)^{-1} (F + mu lambda phi) in parameter space (dense, cg)
+    from this rank's rows X, e and the previous direction phi (see module doc; mu = 0 is plain
+    SR), with the relative residual of these equations. (The kernel solvers: `solve_rows`.)
+    Products with X^T are written v @ X: XLA would materialize X.T for X.T @ v."""
     F = dist.allreduce_sum(e @ X) / n_total
     rhs = F + momentum * diag_shift * previous
     iters = jnp.zeros((), jnp.int32)
@@ -242,22 +250,6 @@ def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solve
         def matvec(v):
             return dist.allreduce_sum((X @ v) @ X) / n_total + diag_shift * v
         x, iters = _cg(matvec, rhs, cg_tol, cg_maxiter)
-    elif solver in ("kernel", "kernel_gather"):
-        # One rank: the symmetric Gram build. kernel_gather on K ranks: each rank builds its own
-        # block of rows of T = X X^T against the gathered X, the blocks are gathered, every rank
-        # solves the same system, and X^T y is summed from the ranks' own rows. (`kernel` on K
-        # ranks does not come here: see `direction`.)
-        m = X.shape[0]
-        if y is None:
-            if dist.size() == 1:
-                T = gram_blocks(X) / n_total
-            else:
-                Xg = dist.allgather(X).reshape(-1, X.shape[1])
-                T = dist.allgather(X @ Xg.T).reshape(Xg.shape[0], Xg.shape[0]) / n_total
-            zeta = _kernel_rhs(X, e, previous, momentum, False)
-            y = _spd_solve(T + diag_shift * jnp.eye(T.shape[0]), zeta)
-        mine = jax.lax.dynamic_slice_in_dim(y, dist.rank() * m, m)
-        x = dist.allreduce_sum(mine @ X) / n_total + momentum * previous
     else:
         raise ValueError(f"not a concrete solver: {solver!r}")
     # Residual of the regularized normal equations, as a check on the solve (one more matvec).
@@ -269,10 +261,11 @@ def _relative(r2: jax.Array, b2: jax.Array) -> jax.Array:
     return jnp.sqrt(r2) / jnp.maximum(jnp.sqrt(b2), 1e-300)
 
 
-def columns_by_rank(logpsi: Callable, params, s: jax.Array, n_total: int, chunk: int) -> jax.Array:
+def columns_by_rank(logpsi: Callable, params, s: jax.Array, n_total: int, chunk: int,
+                    phi: jax.Array) -> tuple[jax.Array, jax.Array]:
     """This rank's block of columns of the centred X, with the rows of *all* ranks' samples:
     (K * 2 * n_local, ceil(P / K)), rows ordered (rank, Re/Im, sample), columns zero-padded at
-    the end.
+    the end; and the uncentred product of this rank's own rows with phi (2, n_local).
 
     The Jacobian is built `chunk` samples at a time and each chunk's rows are sent to the ranks
     that own their columns at once (an all-to-all per chunk), so this rank never holds all P
@@ -285,57 +278,66 @@ def columns_by_rank(logpsi: Callable, params, s: jax.Array, n_total: int, chunk:
     c = rows_per_chunk(n, chunk)
 
     def body(i, carry):
-        buf, total = carry
+        buf, total, prod = carry
         J = jac(flat, jax.lax.dynamic_slice_in_dim(s, i * c, c))  # (2, c, P)
+        prod = jax.lax.dynamic_update_slice(prod, J @ phi, (0, i * c))
         J = jnp.pad(J, ((0, 0), (0, 0), (0, K * Pb - P))).reshape(2, c, K, Pb)
         got = dist.alltoall(J.transpose(2, 0, 1, 3))  # (K, 2, c, Pb): every rank's chunk i
         return (jax.lax.dynamic_update_slice(buf, got, (0, 0, i * c, 0)),
-                total + got.sum(axis=(0, 2), keepdims=True))
+                total + got.sum(axis=(0, 2), keepdims=True), prod)
 
-    buf, total = jax.lax.fori_loop(0, n // c, body, (jnp.zeros((K, 2, n, Pb), flat.dtype),
-                                                     jnp.zeros((1, 2, 1, Pb), flat.dtype)))
+    buf, total, prod = jax.lax.fori_loop(
+        0, n // c, body, (jnp.zeros((K, 2, n, Pb), flat.dtype),
+                          jnp.zeros((1, 2, 1, Pb), flat.dtype), jnp.zeros((2, n), flat.dtype)))
     # Re and Im rows centred apart, over all ranks' samples (every rank has all of its columns).
-    return _subtract_in_place(buf, total / n_total, 2, c).reshape(K * 2 * n, Pb)
+    return _subtract_in_place(buf, total / n_total, 2, c).reshape(K * 2 * n, Pb), prod
 
 
-def kernel_by_parameter_blocks(Xr: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array,
-                               previous: jax.Array, momentum: jax.Array | float,
-                               y: jax.Array | None = None) -> tuple[jax.Array, SRInfo]:
-    """Kernel SR on K ranks from this rank's column block Xr (`columns_by_rank`) and its own rows
-    e (y: the kernel system's solution if already solved, `host_kernel_solve`); every rank
-    returns the same full direction."""
-    Pb, P = Xr.shape[1], previous.size
-    phi = _block_of(previous, Pb)
-    e_all = dist.allgather(e).reshape(-1)  # the same row order as Xr
-    if y is None:
-        T = dist.allreduce_sum(gram_blocks(Xr)) / n_total
-        zeta = _kernel_rhs(Xr, e, previous, momentum, True)
-        y = _spd_solve(T + diag_shift * jnp.eye(T.shape[0]), zeta)
-    x_r = y @ Xr / n_total + momentum * phi
-    x = dist.allgather(x_r).reshape(-1)[:P]
-    # Residual of the regularized normal equations, blockwise (padding columns are zero).
-    rhs_r = e_all @ Xr / n_total + momentum * diag_shift * phi
-    res_r = dist.allreduce_sum(Xr @ x_r) @ Xr / n_total + diag_shift * x_r - rhs_r
-    return x, SRInfo(jnp.zeros((), jnp.int32),
-                     _relative(dist.allreduce_sum(jnp.sum(res_r * res_r)),
-                               dist.allreduce_sum(jnp.sum(rhs_r * rhs_r))))
+def _kernel_rhs(e: jax.Array, Xphi: jax.Array, n_total: int,
+                momentum: jax.Array | float) -> jax.Array:
+    """zeta = e - mu X phi over all ranks' rows (rank-major, the row order of the kernel), from
+    this rank's e and the uncentred product of its own Jacobian rows with phi (2, n): centring
+    X phi is subtracting its mean (linear in X), so no pass over the centred X is needed."""
+    Xphi = Xphi - dist.allreduce_sum(Xphi.sum(1, keepdims=True)) / n_total
+    return dist.allgather(e - momentum * Xphi.reshape(-1)).reshape(-1)
+
+
+def _kernel_matrix(X: jax.Array, n_total: int, blocks: bool) -> jax.Array:
+    """T = X X^T / N_tot over all ranks' rows, inside jit: from this rank's column block
+    (`blocks`, summed over ranks), from its rows on one rank, or from its rows against all
+    gathered rows (kernel_gather on K ranks)."""
+    if blocks:
+        return dist.allreduce_sum(gram_blocks(X)) / n_total
+    if dist.size() == 1:
+        return gram_blocks(X) / n_total
+    Xg = dist.allgather(X).reshape(-1, X.shape[1])
+    return dist.allgather(X @ Xg.T).reshape(Xg.shape[0], Xg.shape[0]) / n_total
+
+
+def _kernel_system(T: jax.Array, zeta: jax.Array, diag_shift: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+    """y = (T + lambda I)^{-1} zeta and the relative residual |(T + lambda I) y - zeta| / |zeta|."""
+    A = T + diag_shift * jnp.eye(T.shape[0])
+    y = _spd_solve(A, zeta)
+    r = A @ y - zeta
+    return y, _relative(jnp.sum(r * r), jnp.sum(zeta * zeta))
+
+
+def _kernel_update(X: jax.Array, y: jax.Array, n_total: int, phi: jax.Array,
+                   momentum: jax.Array | float, blocks: bool) -> jax.Array:
+    """The direction X^T y / N_tot + mu phi: from this rank's column block (`blocks`, its block
+    of the direction, all-gathered) or from its own rows (the ranks' partial products summed)."""
+    if blocks:
+        x_r = y @ X / n_total + momentum * _block_of(phi, X.shape[1])
+        return dist.allgather(x_r).reshape(-1)[:phi.size]
+    mine = jax.lax.dynamic_slice_in_dim(y, dist.rank() * X.shape[0], X.shape[0])
+    return dist.allreduce_sum(mine @ X) / n_total + momentum * phi
 
 
 def _block_of(v: jax.Array, Pb: int) -> jax.Array:
     """This rank's block of Pb entries of a parameter vector (zero-padded to K Pb)."""
     return jax.lax.dynamic_slice_in_dim(jnp.pad(v, (0, dist.size() * Pb - v.size)),
                                         dist.rank() * Pb, Pb)
-
-
-def _kernel_rhs(X: jax.Array, e: jax.Array, previous: jax.Array, momentum: jax.Array | float,
-                blocks: bool) -> jax.Array:
-    """zeta = e - mu X phi over all ranks' rows: from this rank's rows X (one rank,
-    kernel_gather) or, for `blocks`, from its column block of all ranks' rows (the kernel
-    solver on K ranks, `columns_by_rank`)."""
-    if blocks:
-        return (dist.allgather(e).reshape(-1)
-                - momentum * dist.allreduce_sum(X @ _block_of(previous, X.shape[1])))
-    return dist.allgather(e - momentum * (X @ previous)).reshape(-1)
 
 
 def host_kernel_used(solver: str) -> bool:
@@ -346,37 +348,43 @@ def host_kernel_used(solver: str) -> bool:
         solver == "kernel" or (solver == "kernel_gather" and dist.size() == 1))
 
 
+def _is_kernel(solver: str) -> bool:
+    return solver in ("kernel", "kernel_gather")
+
+
 @partial(jax.jit, static_argnames=("logpsi", "n_total", "solver", "chunk"))
 def rows(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: int,
          phase_scale: jax.Array, solver: str, chunk: int, previous,
          momentum: jax.Array | float) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """The first stage of `direction`: X (this rank's rows; for the kernel solver on K ranks its
-    column block of all ranks' rows, `columns_by_rank`), e, and the kernel system's right side
-    zeta where the host solves it (else None)."""
+    column block of all ranks' rows, `columns_by_rank`), e, and for the kernel solvers the
+    right-hand side zeta (X phi accumulated while the Jacobian is built)."""
     e = _rows(eloc, n_total, phase_scale)
-    blocks = solver == "kernel" and dist.size() > 1
-    if blocks:
-        X = columns_by_rank(logpsi, params, s, n_total, chunk)
+    phi = ravel_pytree(previous)[0] if _is_kernel(solver) else None
+    if solver == "kernel" and dist.size() > 1:
+        X, Xphi = columns_by_rank(logpsi, params, s, n_total, chunk, phi)
     else:
-        X = centred_jacobian(*_jacobian_and_sum(logpsi, params, s, chunk), n_total, chunk)
-    zeta = (_kernel_rhs(X, e, ravel_pytree(previous)[0], momentum, blocks)
-            if host_kernel_used(solver) else None)
-    return X, e, zeta
+        J, total, Xphi = _jacobian_and_sum(logpsi, params, s, chunk, phi)
+        X = centred_jacobian(J, total, n_total, chunk)
+    return X, e, (_kernel_rhs(e, Xphi, n_total, momentum) if phi is not None else None)
 
 
 @partial(jax.jit, static_argnames=("n_total", "solver", "cg_maxiter"))
-def solve_rows(X: jax.Array, y: jax.Array | None, e: jax.Array, n_total: int,
-               diag_shift: jax.Array, solver: str, cg_tol: float, cg_maxiter: int, previous,
+def solve_rows(X: jax.Array, e: jax.Array, zeta: jax.Array | None,
+               solved: tuple[jax.Array, jax.Array] | None, n_total: int, diag_shift: jax.Array,
+               solver: str, cg_tol: float, cg_maxiter: int, previous,
                momentum: jax.Array | float):
     """The second stage of `direction`: the direction as a parameter pytree (the structure of
-    `previous`) and the solve diagnostics, from X, e and the kernel system's solution y (None:
-    solved here)."""
+    `previous`) and the solve diagnostics, from X, e, and for the kernel solvers zeta and the
+    kernel system's solution with its residual if the host solved it (`solved`; None: here)."""
     phi, unravel = ravel_pytree(previous)
-    if solver == "kernel" and dist.size() > 1:
-        x, info = kernel_by_parameter_blocks(X, e, n_total, diag_shift, phi, momentum, y)
-    else:
-        x, info = solve(X, e, n_total, diag_shift, solver, cg_tol, cg_maxiter, phi, momentum, y)
-    return unravel(x), info
+    if not _is_kernel(solver):
+        x, info = solve(X, e, n_total, diag_shift, solver, cg_tol, cg_maxiter, phi, momentum)
+        return unravel(x), info
+    blocks = solver == "kernel" and dist.size() > 1
+    y, residual = solved or _kernel_system(_kernel_matrix(X, n_total, blocks), zeta, diag_shift)
+    x = _kernel_update(X, y, n_total, phi, momentum, blocks)
+    return unravel(x), SRInfo(jnp.zeros((), jnp.int32), residual)
 
 
 def direction(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: int,
@@ -384,12 +392,14 @@ def direction(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: 
               cg_tol: float, cg_maxiter: int, previous, momentum: jax.Array | float):
     """The SR direction as a parameter pytree (`previous`: the last one, for momentum), with
     solve diagnostics. Two jitted stages (`rows`, `solve_rows`); X stays in one buffer between
-    them, and on CPU the kernel system is solved there by BLAS and LAPACK (`host_kernel_solve`)."""
+    them, and on CPU the kernel system is solved there by BLAS and LAPACK (`host_kernel_solve`).
+    The kernel solvers pass over X three times after building it: centring, X X^T, X^T y."""
     X, e, zeta = rows(logpsi, params, s, eloc, n_total, phase_scale, solver, chunk, previous,
                       momentum)
-    y = (host_kernel_solve(X, zeta, n_total, float(diag_shift), dist.size() > 1)
-         if zeta is not None else None)
-    return solve_rows(X, y, e, n_total, diag_shift, solver, cg_tol, cg_maxiter, previous, momentum)
+    solved = (host_kernel_solve(X, zeta, n_total, float(diag_shift), dist.size() > 1)
+              if host_kernel_used(solver) else None)
+    return solve_rows(X, e, zeta, solved, n_total, diag_shift, solver, cg_tol, cg_maxiter,
+                      previous, momentum)
 
 
 class SRState(NamedTuple):

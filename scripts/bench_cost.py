@@ -1,7 +1,8 @@
 """Cost of the two attention kinds at equal d, heads and layers, per lattice size (b = 2).
 
 For each L and kind: parameters; forward passes per second of log psi on a batch of random Sz = 0
-configurations (median of --repeat timings after compilation); seconds per SR step and its split
+configurations, evaluated in the run's forward chunks (median of --repeat timings after
+compilation); seconds per SR step and its split
 (sampling, local energies, SR) over --steps steps after two untimed ones (compilation); and the
 connected configurations per sample (what the local energies evaluate) and the XLA compilations
 during the timed steps (0 when no shape changes). Both kinds start from
@@ -26,6 +27,7 @@ import numpy as np
 from pipeline.backend import CompileCounter
 from pipeline.config import compose, validate
 from pipeline.driver import Driver
+from pipeline.hamiltonian import apply_chunked
 from pipeline.system import System
 
 DEFAULTS = ["model.d=32", "model.heads=4", "model.layers=2", "sampler.n_samples=1024",
@@ -36,7 +38,7 @@ def forward_rate(system: System, params, batch: int, repeat: int) -> float:
     rng = np.random.default_rng(0)
     base = np.repeat(np.array([1, -1], np.int8), system.n_sites // 2)
     s = jnp.asarray(np.stack([rng.permutation(base) for _ in range(batch)]))
-    f = jax.jit(system.logpsi)
+    f = jax.jit(lambda p, x: apply_chunked(system.logpsi, p, x, system.chunk))
     f(params, s).block_until_ready()
     times = []
     for _ in range(repeat):

@@ -86,10 +86,13 @@ def _one(size: str, n_total: int, path: str, chunk: int) -> None:
             chunk, 1e-6, 10, zero, jnp.asarray(0.9))
     t0 = time.perf_counter()
     # the two jitted stages of sr.direction; the peak is the larger one's (X lives in both)
-    X, e = jax.eval_shape(sr.rows, *args[:5], args[6], solver, chunk)
-    G = (jax.ShapeDtypeStruct((X.shape[0],) * 2, X.dtype) if sr.host_gram_used(solver) else None)
-    stages = [sr.rows.lower(*args[:5], args[6], solver, chunk),
-              sr.solve_rows.lower(X, G, e, n_total, args[5], solver, 1e-6, 10, zero, args[12])]
+    first = (*args[:5], args[6], solver, chunk, zero, args[12])
+    X, e, zeta = jax.eval_shape(sr.rows, *first)
+    solved = ((jax.ShapeDtypeStruct(zeta.shape, zeta.dtype), jax.ShapeDtypeStruct((), X.dtype))
+              if sr.host_kernel_used(solver) else None)
+    stages = [sr.rows.lower(*first),
+              sr.solve_rows.lower(X, e, zeta, solved, n_total, args[5], solver, 1e-6, 10, zero,
+                                  args[12])]
     mems = [stage.compile().memory_analysis() for stage in stages]
     compile_s = time.perf_counter() - t0
     xla_peak = max((m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes

@@ -15,8 +15,11 @@ a separate .venv-bench with it, so the runtime environment never carries it).
 
 usage: python scripts/bench_vs_netket.py [--size 4] [--d 16] [--heads 2] [--layers 1]
            [--samples 1024] [--chains 1024] [--steps 10] [--warmup 3] [--chunk 0]
+           [--netket-chunk 0]
 --chunk: configurations per forward pass of ours (0: chosen automatically), and chunk // 32
 samples per chunk for NetKet (about as many connected configurations; 0: the whole batch).
+--netket-chunk S: S samples per chunk for NetKet whatever --chunk (e.g. ours automatic, NetKet
+bounded so that its whole-batch evaluation fits in memory on 6x6).
 """
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ def netket_state(args, system):
                                             sweep_size=N)
     vs = nk.vqs.MCState(sampler, system.model, n_samples=args.samples, n_discard_per_chain=0,
                         variables={"params": system.init_params(0)}, seed=0, sampler_seed=1,
-                        chunk_size=min(args.samples, args.chunk // 32) if args.chunk else None)
+                        chunk_size=netket_chunk(args))
     driver = nk.driver.VMC_SR(ham, optax.sgd(LR), diag_shift=SHIFT, momentum=MOMENTUM,
                               variational_state=vs, use_ntk=True)
     return vs, ham, driver
@@ -127,11 +130,18 @@ def side(args) -> None:
     print(json.dumps({"result": times, "peak_rss": peak}))
 
 
+def netket_chunk(args) -> int | None:
+    """NetKet's samples per chunk: --netket-chunk, else --chunk // 32, else None (whole batch)."""
+    chunk = args.netket_chunk or args.chunk // 32
+    return min(args.samples, chunk) if chunk else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in (("size", 4), ("d", 16), ("heads", 2), ("layers", 1), ("samples", 1024),
                           ("chains", 1024), ("steps", 10), ("warmup", 3), ("chunk", 0)):
         ap.add_argument(f"--{name}", type=int, default=default)
+    ap.add_argument("--netket-chunk", type=int, default=0)
     ap.add_argument("--side", choices=["ours", "netket", "check"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:

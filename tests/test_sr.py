@@ -40,11 +40,16 @@ def test_solvers_agree(n: int, P: int, momentum: float, kappa: float) -> None:
     X, e = sr.centred_rows(O, E, n, kappa)
     shift = jnp.asarray(1e-3)
     sols = {name: np.asarray(sr.solve(X, e, n, shift, name, 1e-12, 2000, previous, momentum)[0])
-            for name in ("dense", "cg", "kernel")}
-    # the kernel system solved on the host (BLAS syrk, LAPACK Cholesky), as `direction` does on CPU
-    y = sr.host_kernel_solve(X, sr._kernel_rhs(X, e, previous, momentum, False), n, 1e-3, False)
-    sols["kernel, host solve"] = np.asarray(
-        sr.solve(X, e, n, shift, "kernel", 1e-12, 2000, previous, momentum, y)[0])
+            for name in ("dense", "cg")}
+    # the kernel system solved inside jit (as off CPU) and on the host (BLAS syrk, LAPACK
+    # Cholesky, as `direction` does on CPU); X phi enters through the Jacobian's rows
+    zeta = sr._kernel_rhs(e, (X @ previous).reshape(2, n), n, momentum)
+    for name, solved in (("kernel", None), ("kernel, host solve",
+                                            sr.host_kernel_solve(X, zeta, n, 1e-3, False))):
+        x, info = sr.solve_rows(X, e, zeta, solved, n, shift, "kernel", 1e-12, 2000, previous,
+                                jnp.asarray(momentum))
+        sols[name] = np.asarray(x)
+        assert float(info.residual) < 1e-10, (name, float(info.residual))
     # Reference: S and F written out from the formulas of science.md; with momentum, SPRING in
     # its sample-space form phi = Y^T (Y Y^T + lambda)^{-1} (eps - mu Y phi_prev) + mu phi_prev,
     # Y = [Re dO; Im dO] / sqrt(n), eps = [Re dE; Im dE] / sqrt(n). The phase scale kappa
@@ -78,7 +83,7 @@ def test_host_kernel_solve_falls_back_to_the_eigen_solve_when_not_positive_defin
     zeta = jnp.asarray(np.random.default_rng(4).normal(size=12))
     T = np.asarray(X) @ np.asarray(X).T / 5 - 5.0 * np.eye(12)
     assert np.linalg.eigvalsh(T).min() < 0
-    y = sr.host_kernel_solve(X, zeta, 5, -5.0, False)
+    y, _ = sr.host_kernel_solve(X, zeta, 5, -5.0, False)
     np.testing.assert_allclose(y, sr._spd_solve(jnp.asarray(T), zeta), rtol=1e-10, atol=1e-12)
 
 
