@@ -15,11 +15,14 @@ a separate .venv-bench with it, so the runtime environment never carries it).
 
 usage: python scripts/bench_vs_netket.py [--size 4] [--d 16] [--heads 2] [--layers 1]
            [--samples 1024] [--chains 1024] [--steps 10] [--warmup 3] [--chunk 0]
-           [--netket-chunk 0]
+           [--netket-chunk 0] [--rounds 1]
 --chunk: configurations per forward pass of ours (0: chosen automatically), and chunk // 32
 samples per chunk for NetKet (about as many connected configurations; 0: the whole batch).
 --netket-chunk S: S samples per chunk for NetKet whatever --chunk (e.g. ours automatic, NetKet
 bounded so that its whole-batch evaluation fits in memory on 6x6).
+--rounds R: time the two sides alternately R times (each in a fresh process) and print the median
+of the R time ratios with all of them: the machine's speed drifts between minutes, and only
+ratios taken close together compare.
 """
 from __future__ import annotations
 
@@ -142,6 +145,7 @@ def main() -> None:
                           ("chains", 1024), ("steps", 10), ("warmup", 3), ("chunk", 0)):
         ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--netket-chunk", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--side", choices=["ours", "netket", "check"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
@@ -163,14 +167,17 @@ def main() -> None:
           "S.S units)")
     if bad:
         sys.exit(f"the two sides differ beyond {TOLERANCES}: {bad}; not timing")
-    ours, theirs = run("ours"), run("netket")
-    t_ours, t_nk = statistics.median(ours["result"]), statistics.median(theirs["result"])
-    print(f"{'':8} {'s/step (median)':>16} {'min':>7} {'max':>7} {'peak RSS GB':>12}")
-    for name, r in (("ours", ours), ("netket", theirs)):
-        t = r["result"]
-        print(f"{name:8} {statistics.median(t):16.3f} {min(t):7.3f} {max(t):7.3f} {r['peak_rss'] / 1e9:12.2f}")
-    print(f"ratio ours/netket: time {t_ours / t_nk:.2f}, memory {ours['peak_rss'] / theirs['peak_rss']:.2f}")
-
+    rounds = [(run("ours"), run("netket")) for _ in range(args.rounds)]
+    print(f"{'':8} {'s/step (median)':>16} {'min':>7} {'max':>7} {'peak RSS GB':>12}   (per round)")
+    for i, name in enumerate(("ours", "netket")):
+        for r in (pair[i] for pair in rounds):
+            t = r["result"]
+            print(f"{name:8} {statistics.median(t):16.3f} {min(t):7.3f} {max(t):7.3f} "
+                  f"{r['peak_rss'] / 1e9:12.2f}")
+    times = [statistics.median(o["result"]) / statistics.median(n["result"]) for o, n in rounds]
+    memory = [o["peak_rss"] / n["peak_rss"] for o, n in rounds]
+    print(f"ratio ours/netket: time {statistics.median(times):.2f} (rounds: "
+          f"{', '.join(f'{t:.2f}' for t in times)}), memory {statistics.median(memory):.2f}")
 
 if __name__ == "__main__":
     main()

@@ -196,7 +196,8 @@ def test_memory_estimate_refuses_what_cannot_fit_and_passes_the_default() -> Non
 def test_automatic_forward_chunk_follows_the_model_the_projection_and_the_platform() -> None:
     """model.chunk_size=0 on an accelerator: one chunk for the 4x4 defaults (~35k connected
     configurations), 16384 for the 6x6 model whose whole-batch default was slow and fat, smaller
-    under projection. On CPU: chunks of about 3 MiB of activations (in cache), here 1024 and 256.
+    under projection. On CPU: chunks of about 3 MiB of activations (in cache), at most 512, here
+    512 and 256.
     An explicit value wins everywhere."""
     from pipeline import budget
 
@@ -208,7 +209,7 @@ def test_automatic_forward_chunk_follows_the_model_the_projection_and_the_platfo
     full = budget.forward_chunk(make_config(**{"model.d": 32, "model.symmetry": "full"}), "gpu")
     assert budget.MIN_CHUNK <= full <= 2048 and full & (full - 1) == 0
     assert budget.forward_chunk(make_config(**{"lattice.L": 40, "model.d": 512}), "gpu") == budget.MIN_CHUNK
-    assert budget.forward_chunk(make_config(), "cpu") == 1024  # 4 patches x 64 x 8 bytes each
+    assert budget.forward_chunk(make_config(), "cpu") == 512  # 1536 of 4 patches x 64 x 8 bytes fit
     assert budget.forward_chunk(six, "cpu") == 256  # 9 patches x 128 x 8 bytes: 341 fit
     assert budget.forward_chunk(make_config(**{"lattice.L": 40, "model.d": 512}), "cpu") == \
         budget.MIN_CPU_CHUNK
