@@ -27,29 +27,39 @@ def _config(overrides: list[str]) -> Config:
 
 
 def _comm_seconds(solver: str, n_params: int, n_total: int, n_local: int, repeat: int = 5) -> float:
-    """Time the collectives of one SR solve (sizes as in pipeline.sr.solve)."""
+    """Time the collectives of one SR solve, of the sizes `pipeline.sr` moves: dense and cg
+    all-reduce P-vectors (and dense the P x P matrix); the kernel solver re-shards X by an
+    all-to-all, all-reduces the 2N_tot x 2N_tot kernel (on CPU on the host, by mpi4py) and
+    all-gathers zeta and the direction's blocks."""
     if dist.size() == 1:
         return 0.0
-    m = 2 * n_local
+    K, m = dist.size(), 2 * n_total
+    Pb = -(-n_params // K)
 
     @jax.jit
     def collectives(X, P2, v):
-        out = [dist.allreduce_sum(v), dist.allreduce_sum(v)]  # <O>, F
+        out = [dist.allreduce_sum(v), dist.allreduce_sum(v)]  # <O>, F (dense, cg)
         if solver == "dense":
             out.append(dist.allreduce_sum(P2))
         elif solver == "kernel":
-            out += [dist.allgather(X), dist.allgather(X[:, :m * dist.size()]), dist.allgather(X[:, 0])]
-        out.append(dist.allreduce_sum(v))
+            out = [dist.alltoall(X), dist.allgather(X[0, 0, :, 0]), dist.allgather(v[:Pb])]
         return out
 
-    X = jnp.ones((m, max(n_params, m * dist.size())))
+    X = jnp.ones((K, 2, n_local, Pb) if solver == "kernel" else (1,))
     P2 = jnp.ones((n_params, n_params)) if solver == "dense" else jnp.ones(1)
     v = jnp.ones(n_params)
-    jax.block_until_ready(collectives(X, P2, v))
+    T = np.ones((m, m)) if solver == "kernel" else None
+
+    def once():
+        jax.block_until_ready(collectives(X, P2, v))
+        if T is not None:
+            dist.host_allreduce_sum(T)
+
+    once()
     dist.barrier()
     t = time.perf_counter()
     for _ in range(repeat):
-        jax.block_until_ready(collectives(X, P2, v))
+        once()
     return (time.perf_counter() - t) / repeat
 
 
