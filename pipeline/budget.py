@@ -87,8 +87,8 @@ def _power_of_two(fit: float, least: int) -> int:
 def forward_chunk(c: Config, platform: str) -> int:
     """Configurations per forward pass (sampler sweeps, local energies, measurements):
     model.chunk_size, or for 0 the largest power of two whose activations fit in cache on CPU
-    (CACHE_FORWARD_BYTES, from MIN_CPU_CHUNK to MAX_CPU_CHUNK) or in FORWARD_BYTES on an accelerator (at least
-    MIN_CHUNK), where large batches keep it busy."""
+    (CACHE_FORWARD_BYTES, from MIN_CPU_CHUNK to MAX_CPU_CHUNK) or in FORWARD_BYTES on an
+    accelerator (at least MIN_CHUNK), where large batches keep it busy."""
     if c.model.chunk_size:
         return c.model.chunk_size
     if platform == "cpu":
@@ -153,6 +153,10 @@ def per_rank(c: Config, K: int, platform: str = "cpu") -> dict[str, float]:
     rows = min(jac or N // K, N // K)
     terms = sr_bytes(P, N, K, solver, rows if jac else 0, platform)
     terms["jacobian_activations"] = rows * per_config_bytes(c, backward=True)
+    # every layer's position-only heads x n x n weights (factored alpha_ij, standard attention's
+    # relative bias), gathered once per pass whatever the chunk
+    n, m = (c.lattice.L // c.lattice.patch) ** 2, c.model
+    terms["attention_weights"] = 8.0 * m.layers * m.heads * n * n
     # the largest forward batch: one chunk of a sampler sweep over this rank's chains or of the
     # local energies of a step's or the final measurement's samples (about half of the 2N (4N
     # with J2) bonds anti-aligned)

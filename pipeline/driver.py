@@ -89,7 +89,8 @@ class Driver:
         cfg = self.cfg
         self.switch = n_iter - cfg.run.finetune_steps
         self.preconditioner = preconditioner or Preconditioner(
-            cfg.optimizer, self.switch, self.n_params, cfg.sampler.n_samples, self.system.jacobian_chunk)
+            cfg.optimizer, self.switch, self.n_params, cfg.sampler.n_samples,
+            self.system.jacobian_chunk)
 
     @property
     def solver(self) -> str:

@@ -158,6 +158,13 @@ def centred_rows(O: jax.Array, eloc: jax.Array, n_total: int,
     return centred_jacobian(J, J.sum(1, keepdims=True), n_total), _rows(eloc, n_total, phase_scale)
 
 
+def _eigen_solve(w, V, b, xp):
+    """V diag(1/w) V^T b from an eigen-decomposition, eigenvalues below 1e-12 max|w| dropped (a
+    clipped pseudo-inverse); xp: numpy or jax.numpy."""
+    cutoff = 1e-12 * xp.max(xp.abs(w))
+    return V @ (xp.where(w > cutoff, 1.0 / xp.where(w > cutoff, w, 1.0), 0.0) * (V.T @ b))
+
+
 def _spd_solve(A: jax.Array, b: jax.Array) -> jax.Array:
     """Cholesky solve; if A is not numerically positive definite, a clipped eigen-solve."""
     L = jnp.linalg.cholesky(A)
@@ -167,10 +174,7 @@ def _spd_solve(A: jax.Array, b: jax.Array) -> jax.Array:
         return jax.scipy.linalg.cho_solve((L, True), b)
 
     def eig(_):
-        w, V = jnp.linalg.eigh(A)
-        cutoff = 1e-12 * jnp.max(jnp.abs(w))
-        winv = jnp.where(w > cutoff, 1.0 / jnp.where(w > cutoff, w, 1.0), 0.0)
-        return V @ (winv * (V.T @ b))
+        return _eigen_solve(*jnp.linalg.eigh(A), b, jnp)
 
     return jax.lax.cond(ok, chol, eig, None)
 
@@ -195,26 +199,30 @@ def _cg(matvec: Callable, b: jax.Array, tol: float, maxiter: int) -> tuple[jax.A
     return x, k
 
 
+def host_gram(X: jax.Array, n_total: int) -> np.ndarray:
+    """The upper triangle of X X^T / N_tot (column-major) by BLAS syrk, reading the concrete,
+    row-major X in place through its transpose."""
+    return scipy.linalg.blas.dsyrk(1.0 / n_total, np.asarray(X).T, trans=1)
+
+
 def host_kernel_solve(X: jax.Array, zeta: jax.Array, n_total: int, diag_shift: float,
                       summed: bool) -> tuple[jax.Array, jax.Array]:
     """y = (X X^T / N_tot + lambda I)^{-1} zeta and the relative residual of that system, on the
     host by BLAS and LAPACK for a concrete X on CPU (between the two jitted stages of
-    `direction`): syrk builds one triangle of X X^T reading X in place (X.T of the row-major X
-    is column-major), `summed`: over ranks (the distributed kernel's column blocks), then a
-    Cholesky factorization, or, if T is not numerically positive definite, the clipped
-    eigen-solve of `_spd_solve`. On the 2-core machine this takes 0.18 + 0.08 s for 2048 x 3368
-    where XLA took 0.32 + 0.15 s (the block build and its Cholesky); as a callback inside jit,
-    syrk was slower than the blocks (an XLA worker thread spinning beside it)."""
-    A = dist.host_allreduce_sum(scipy.linalg.blas.dsyrk(1.0 / n_total, np.asarray(X).T, trans=1))
+    `direction`): `host_gram` builds one triangle of X X^T, `summed`: over ranks (the
+    distributed kernel's column blocks), then a Cholesky factorization, or, if T is not
+    numerically positive definite, the clipped eigen-solve of `_spd_solve`. On the 2-core
+    machine this takes 0.18 + 0.08 s for 2048 x 3368 where XLA took 0.32 + 0.15 s (the block
+    build and its Cholesky); as a callback inside jit, syrk was slower than the blocks (an XLA
+    worker thread spinning beside it)."""
+    A = dist.host_allreduce_sum(host_gram(X, n_total))
     A[np.diag_indices_from(A)] += diag_shift
     b = np.asarray(zeta)
     factor, info = scipy.linalg.lapack.dpotrf(A, lower=0, clean=0, overwrite_a=0)
     if info == 0:
         y, info = scipy.linalg.lapack.dpotrs(factor, b, lower=0)
     if info != 0:
-        w, V = scipy.linalg.eigh(A, lower=False)
-        cutoff = 1e-12 * np.max(np.abs(w))
-        y = V @ (np.where(w > cutoff, 1.0 / np.where(w > cutoff, w, 1.0), 0.0) * (V.T @ b))
+        y = _eigen_solve(*scipy.linalg.eigh(A, lower=False), b, np)
     r = scipy.linalg.blas.dsymv(1.0, A, y, lower=0) - b
     return jnp.asarray(y), jnp.asarray(np.linalg.norm(r) / max(np.linalg.norm(b), 1e-300))
 

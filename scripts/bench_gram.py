@@ -2,10 +2,10 @@
 centred, scaled Jacobian rows), on the 4x4 accuracy-benchmark model.
 
 1. Cost and error of the product alone: X of the benchmark's shape (2 x sampler.n_samples rows, P
-   columns, Gaussian entries), median of --repeat timings after compilation of
-   `pipeline.sr.gram` (float64, upper block triangle) and of the float32 product; the relative
-   error of T and of the regularized solve (T + lambda I)^{-1} e with lambda =
-   optimizer.diag_shift_final (the smallest shift of a run).
+   columns, Gaussian entries), median of --repeat timings of `pipeline.sr.host_gram` (float64
+   BLAS syrk, one triangle) and of its float32 variant (ssyrk); the relative error of T and of
+   the regularized solve (T + lambda I)^{-1} e with lambda = optimizer.diag_shift_final (the
+   smallest shift of a run).
 2. The effect on training: `scripts/track_exact` run twice in separate processes (--steps steps,
    same seed), in float64 and with --gram-float32; both exact-energy trajectories are printed.
    float64 stays the default unless the trajectories agree to the Monte Carlo error bar.
@@ -32,14 +32,15 @@ from pipeline.system import System
 from track_exact import gram_float32
 
 
-def timed(f, X, repeat: int) -> tuple[float, jax.Array]:
-    out = jax.block_until_ready(f(X))
+def timed(f, X, repeat: int) -> tuple[float, np.ndarray]:
+    """Median seconds of f(X) over `repeat` calls after one untimed, and f(X) as a full matrix."""
+    out = f(X)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        jax.block_until_ready(f(X))
+        f(X)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    return statistics.median(times), np.triu(out) + np.triu(out, 1).T
 
 
 def main() -> None:
@@ -55,8 +56,8 @@ def main() -> None:
     P = system.n_params(system.init_params(0))
     n = 2 * cfg.sampler.n_samples
     X = jax.random.normal(jax.random.PRNGKey(0), (n, P), jnp.float64) / np.sqrt(n)
-    t64, T64 = timed(jax.jit(sr.gram), X, args.repeat)
-    t32, T32 = timed(jax.jit(gram_float32), X, args.repeat)
+    t64, T64 = timed(lambda x: sr.host_gram(x, 1), X, args.repeat)
+    t32, T32 = timed(lambda x: gram_float32(x, 1), X, args.repeat)
     lam = cfg.optimizer.diag_shift_final
     e = jax.random.normal(jax.random.PRNGKey(1), (n,), jnp.float64)
     y64, y32 = (np.linalg.solve(np.asarray(T) + lam * np.eye(n), np.asarray(e)) for T in (T64, T32))

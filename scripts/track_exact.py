@@ -5,8 +5,8 @@ then where the remaining error sits: the sign structure or the amplitudes.
 The exact sums are not timed and do not touch the run (its random streams and updates are those of
 an ordinary run). Used for the tables in README, "Accuracy per wall-clock budget".
 
---gram-float32 replaces `pipeline.sr.gram` in this process by a float32 product (the kernel
-X X^T accumulated in single precision, the solve still in float64): the experiment behind
+--gram-float32 replaces `pipeline.sr.host_gram` in this process by a float32 BLAS syrk (the
+kernel X X^T accumulated in single precision, the solve still in float64): the experiment behind
 `scripts/bench_gram`.
 
 usage: python scripts/track_exact.py [--kind factored] [--seed 0] [--steps 300] [--every 50]
@@ -18,8 +18,8 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import scipy.linalg.blas
 
 from bench_accuracy import configure
 from pipeline import exact, sr
@@ -43,10 +43,10 @@ def state_vector(system: System, basis: np.ndarray):
     return vector
 
 
-def gram_float32(X: jax.Array) -> jax.Array:
-    """X X^T accumulated in float32, returned in X's precision."""
-    X32 = X.astype(jnp.float32)
-    return (X32 @ X32.T).astype(X.dtype)
+def gram_float32(X: jax.Array, n_total: int) -> np.ndarray:
+    """`pipeline.sr.host_gram` accumulated in float32 (BLAS ssyrk), returned in float64."""
+    X32 = np.asarray(X, np.float32)
+    return scipy.linalg.blas.ssyrk(1.0 / n_total, X32.T, trans=1).astype(np.float64)
 
 
 def energy(h, psi: np.ndarray, n_sites: int) -> float:
@@ -64,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = configure(4, args.kind, args.seed, [*args.overrides, f"run.n_iter={args.steps}"])
     if args.gram_float32:
-        sr.gram = gram_float32
+        sr.host_gram = gram_float32
     system = System.build(cfg)
     N = system.n_sites
     h, basis = exact.sparse_hamiltonian(system.hamiltonian)

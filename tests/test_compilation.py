@@ -11,8 +11,8 @@ from pipeline.system import System
 from conftest import make_config
 
 JITTED = {"local energies": hamiltonian._local, "connected count": hamiltonian._count,
-          "sampler": sampler._run, "SR rows": sr.rows, "SR solve": sr.solve_rows, "statistics": state._stats,
-          "acceptance": state._acceptance}
+          "sampler": sampler._run, "SR rows": sr.rows, "SR solve": sr.solve_rows,
+          "statistics": state._stats, "acceptance": state._acceptance}
 
 
 def test_no_recompilation_after_the_first_steps() -> None:

@@ -205,14 +205,15 @@ def test_automatic_forward_chunk_follows_the_model_the_projection_and_the_platfo
     six = make_config(**six_kw)
     assert budget.forward_chunk(make_config(), "gpu") >= 1024 * 34
     for kind in ("factored", "standard"):
-        assert budget.forward_chunk(make_config(**six_kw, **{"model.attention": kind}), "gpu") == 16384
+        kind_kw = {"model.attention": kind}
+        assert budget.forward_chunk(make_config(**six_kw, **kind_kw), "gpu") == 16384
     full = budget.forward_chunk(make_config(**{"model.d": 32, "model.symmetry": "full"}), "gpu")
     assert budget.MIN_CHUNK <= full <= 2048 and full & (full - 1) == 0
-    assert budget.forward_chunk(make_config(**{"lattice.L": 40, "model.d": 512}), "gpu") == budget.MIN_CHUNK
+    huge = make_config(**{"lattice.L": 40, "model.d": 512})
+    assert budget.forward_chunk(huge, "gpu") == budget.MIN_CHUNK
     assert budget.forward_chunk(make_config(), "cpu") == 512  # 1536 of 4 patches x 64 x 8 bytes fit
     assert budget.forward_chunk(six, "cpu") == 256  # 9 patches x 128 x 8 bytes: 341 fit
-    assert budget.forward_chunk(make_config(**{"lattice.L": 40, "model.d": 512}), "cpu") == \
-        budget.MIN_CPU_CHUNK
+    assert budget.forward_chunk(huge, "cpu") == budget.MIN_CPU_CHUNK
     for platform in ("cpu", "gpu"):
         assert budget.forward_chunk(make_config(**{"model.chunk_size": 300}), platform) == 300
 

@@ -341,7 +341,7 @@ def test_full_disk_fails_in_one_line_and_keeps_good_files(reference, small_disk,
 
 # ---- inputs that must be refused in one line ---------------------------------------------------
 @pytest.mark.parametrize("override,text", [
-    ("lattice.L=200", "the run needs at least"),
+    ("lattice.L=400", "the run needs at least"),
     ("model.d=4096", "the run needs at least"),
     ("sampler.n_samples=1073741824", "the run needs at least"),
     ("run.seed=${oc.env:HOME}", "run.seed"),
