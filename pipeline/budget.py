@@ -49,10 +49,15 @@ def choose_solver(solver: Solver | str, n_params: int, n_total: int,
     return "cg", f"auto: P={n_params}, 2 N_tot={rows}: neither dense nor kernel fits"
 
 
+def n_patches(c: Config) -> int:
+    """Patch tokens n of the ViT: (L / b)^2."""
+    return (c.lattice.L // c.lattice.patch) ** 2
+
+
 def n_params(c: Config) -> int:
     """The ViT's parameter count (as `models.n_params` of its initialized parameters)."""
     m, b = c.model, c.lattice.patch
-    n, d = (c.lattice.L // b) ** 2, m.d
+    n, d = n_patches(c), m.d
     if m.attention == Attention.factored:
         attention = 2 * d * d + m.heads * (n if m.translation_invariant else n * n)
     else:
@@ -73,7 +78,7 @@ def per_config_bytes(c: Config, backward: bool = False) -> float:
     hidden layer, and the heads x n x n attention maps of standard attention. A per-sample
     gradient (`backward`, a Jacobian row) holds them for every layer, and also the gradient of
     factored attention's gathered alpha_ij before it is summed onto alpha(r)."""
-    n, m = (c.lattice.L // c.lattice.patch) ** 2, c.model
+    n, m = n_patches(c), c.model
     maps = backward or m.attention == Attention.standard
     per = (n * 4 * m.d + (m.heads * n * n if maps else 0)) * (m.layers if backward else 1)
     return 8.0 * per * group_size(c)
@@ -155,8 +160,8 @@ def per_rank(c: Config, K: int, platform: str = "cpu") -> dict[str, float]:
     terms["jacobian_activations"] = rows * per_config_bytes(c, backward=True)
     # every layer's position-only heads x n x n weights (factored alpha_ij, standard attention's
     # relative bias), gathered once per pass whatever the chunk
-    n, m = (c.lattice.L // c.lattice.patch) ** 2, c.model
-    terms["attention_weights"] = 8.0 * m.layers * m.heads * n * n
+    m = c.model
+    terms["attention_weights"] = 8.0 * m.layers * m.heads * n_patches(c) ** 2
     # the largest forward batch: one chunk of a sampler sweep over this rank's chains or of the
     # local energies of a step's or the final measurement's samples (about half of the 2N (4N
     # with J2) bonds anti-aligned)
