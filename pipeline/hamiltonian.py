@@ -7,7 +7,12 @@ nearest-neighbour bonds when the Marshall sign rule is on. Only connected config
 whose spins differ) are evaluated. They are found on the device, inside `jax.jit`, with a fixed
 shape: `jnp.nonzero(mask, size=bucket)`. The only host traffic is one integer per batch (the
 number of connected pairs), which sets the bucket: it grows with 10% headroom when a batch needs
-more and never shrinks, so after the first steps nothing recompiles.
+more and never shrinks, so after the first steps nothing recompiles. The bucket depends on the
+batches a process has seen, so a resumed run may pad differently from the uninterrupted one; it is
+a whole number of forward chunks (or the whole range, when one chunk would hold that), so every
+connected configuration is evaluated in the same chunk at the same position and the local
+energies do not depend on the padding, bit for bit (a forward pass's rounding depends on its
+batch size).
 """
 from __future__ import annotations
 
@@ -60,15 +65,23 @@ class Hamiltonian:
         mask = s[:, self.bonds[:, 0]] != s[:, self.bonds[:, 1]]
         return np.nonzero(mask)
 
-    def bucket(self, n: int, count: int) -> int:
+    def bucket(self, n: int, count: int, chunk: int = 0) -> int:
         """Padded number of connected pairs for a batch of n configurations with `count` of them:
-        sticky (never shrinks) with 10% headroom, rounded to 1/64 of the whole n x bonds range."""
-        grain = max(64, n * len(self.J) // 64)
+        sticky (never shrinks) with 10% headroom, rounded to 1/64 of the whole n x bonds range
+        and to whole forward chunks (see the module doc); the whole range when one chunk (or
+        `chunk` = 0: one piece) would hold it, so a single forward pass has a fixed shape."""
+        whole = n * len(self.J)
+        step = min(chunk, whole) if chunk > 0 else whole
+        grain, whole = _round_up(max(64, whole // 64), step), _round_up(whole, step)
         size = self.buckets.get(n, 0)
         if count > size:
-            size = min(-(-int(1.1 * count) // grain) * grain, n * len(self.J))
+            size = min(_round_up(int(1.1 * count), grain), whole)
             self.buckets[n] = size
         return size
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
 
 
 @jax.jit
@@ -98,7 +111,7 @@ def _local(logpsi: LogPsi, params, s: jax.Array, logpsi_s: jax.Array, bonds: jax
 
 def apply_chunked(logpsi: LogPsi, params, s: jax.Array, chunk: int) -> jax.Array:
     """log psi of a batch, evaluated `chunk` configurations at a time (0: all at once)."""
-    if chunk <= 0 or s.shape[0] <= chunk:
+    if chunk <= 0 or s.shape[0] < chunk:
         return logpsi(params, s)
     return jax.lax.map(lambda x: logpsi(params, x[None])[0], s, batch_size=chunk)
 
@@ -107,6 +120,6 @@ def local_energies(ham: Hamiltonian, logpsi: LogPsi, params, s: jax.Array,
                    logpsi_s: jax.Array, chunk: int = 0) -> jax.Array:
     """Complex local energies (total, not per site) of a batch of configurations s (C, N)."""
     bonds = jnp.asarray(ham.bonds)
-    size = ham.bucket(s.shape[0], int(_count(s, bonds)))
+    size = ham.bucket(s.shape[0], int(_count(s, bonds)), chunk)
     return _local(logpsi, params, s, logpsi_s, bonds, jnp.asarray(ham.J), jnp.asarray(ham.off),
                   size, chunk)

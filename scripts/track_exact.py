@@ -70,6 +70,7 @@ def main() -> None:
     h, basis = exact.sparse_hamiltonian(system.hamiltonian)
     e0, gs, _ = exact.ground_state(system.hamiltonian)
     vector = state_vector(system, basis)
+    projected = state_vector(system.with_symmetry("full"), basis)
     rel = lambda e: (e - e0) / abs(e0)  # noqa: E731
     driver = Driver(system)
     state = driver.fresh_state()
@@ -81,9 +82,10 @@ def main() -> None:
         train_s += time.perf_counter() - t
         if state.step % args.every == 0 or state.step == args.steps:
             e = energy(h, vector(state.vstate.params), N)
+            e_full = energy(h, projected(state.vstate.params), N)
             print(f"step {state.step:5d}  train {train_s:7.1f} s  exact E/N {e:.6f}  "
-                  f"rel. error {rel(e):.2e}  (MC E/N of the step {rec.energy:.5f})",
-                  flush=True)
+                  f"rel. error {rel(e):.2e}  fully projected {rel(e_full):.2e}  "
+                  f"(MC E/N of the step {rec.energy:.5f})", flush=True)
     psi = vector(state.vstate.params)
     overlap = np.vdot(gs, psi)
     psi = psi * np.conj(overlap) / abs(overlap)  # global phase aligned with the ground state
