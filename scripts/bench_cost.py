@@ -2,7 +2,9 @@
 
 For each L and kind: parameters; forward passes per second of log psi on a batch of random Sz = 0
 configurations, evaluated in the run's forward chunks (median of --repeat timings after
-compilation); seconds per SR step and its split
+compilation); the floating-point operations of one forward pass per configuration, as XLA counts
+them in the compiled log psi (the arithmetic the kinds differ by, independent of the machine);
+seconds per SR step and its split
 (sampling, local energies, SR) over --steps steps after two untimed ones (compilation); and the
 connected configurations per sample (what the local energies evaluate) and the XLA compilations
 during the timed steps (0 when no shape changes). Both kinds start from
@@ -48,6 +50,13 @@ def forward_rate(system: System, params, batch: int, repeat: int) -> float:
     return batch / statistics.median(times)
 
 
+def forward_flops(system: System, params, batch: int = 64) -> float:
+    """XLA's count of floating-point operations of log psi, per configuration."""
+    s = jnp.ones((batch, system.n_sites), jnp.int8)
+    cost = jax.jit(system.logpsi).lower(params, s).compile().cost_analysis()
+    return float(cost["flops"]) / batch
+
+
 def one(L: int, kind: str, args) -> dict:
     c = validate(compose([*DEFAULTS, f"lattice.L={L}", f"model.attention={kind}", *args.overrides]))
     system = System.build(c)
@@ -66,6 +75,7 @@ def one(L: int, kind: str, args) -> dict:
     s = np.asarray(state.vstate.chains)
     connected = float(np.mean(np.sum(s[:, bonds[:, 0]] != s[:, bonds[:, 1]], axis=1)))
     return {"L": L, "kind": kind, "P": driver.n_params, "forward_per_s": rate,
+            "flops_per_config": forward_flops(system, state.vstate.params),
             "s_per_step": med("seconds"), "t_sample": med("t_sample"), "t_energy": med("t_energy"),
             "t_sr": med("t_sr"), "connected_per_sample": connected, "chunk": system.chunk,
             "compiles_after_step_2": counter.count,
@@ -83,8 +93,9 @@ def main() -> None:
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores, {jax.devices()[0].platform}; {' '.join(DEFAULTS)} "
           f"{' '.join(args.overrides)}")
-    print(f"{'L':>3} {'kind':<9} {'P':>7} {'fwd/s':>9} {'s/step':>7} {'sample':>7} {'energy':>7} "
-          f"{'sr':>7} {'conn/smp':>8} {'compiles':>8} {'f/s ratio':>9} {'step ratio':>10}")
+    print(f"{'L':>3} {'kind':<9} {'P':>7} {'fwd/s':>9} {'flops/cfg':>10} {'s/step':>7} {'sample':>7} "
+          f"{'energy':>7} {'sr':>7} {'conn/smp':>8} {'compiles':>8} {'f/s ratio':>9} "
+          f"{'flop ratio':>10} {'step ratio':>10}")
     rows = []
     for L in (int(x) for x in args.sizes.split(",")):
         pair = {kind: one(L, kind, args) for kind in ("factored", "standard")}
@@ -92,10 +103,13 @@ def main() -> None:
             rows.append(r)
             ratio_f = pair["factored"]["forward_per_s"] / pair["standard"]["forward_per_s"]
             ratio_s = pair["factored"]["s_per_step"] / pair["standard"]["s_per_step"]
-            print(f"{L:3d} {kind:<9} {r['P']:7d} {r['forward_per_s']:9.0f} {r['s_per_step']:7.2f} "
+            ratio_a = pair["factored"]["flops_per_config"] / pair["standard"]["flops_per_config"]
+            print(f"{L:3d} {kind:<9} {r['P']:7d} {r['forward_per_s']:9.0f} "
+                  f"{r['flops_per_config']:10.0f} {r['s_per_step']:7.2f} "
                   f"{r['t_sample']:7.2f} {r['t_energy']:7.2f} {r['t_sr']:7.2f} "
                   f"{r['connected_per_sample']:8.1f} {r['compiles_after_step_2']:8d} "
-                  + (f"{ratio_f:9.2f} {ratio_s:10.2f}" if kind == "standard" else ""), flush=True)
+                  + (f"{ratio_f:9.2f} {ratio_a:10.2f} {ratio_s:10.2f}" if kind == "standard" else ""),
+                  flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
