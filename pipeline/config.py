@@ -111,6 +111,7 @@ class OptimizerConfig:
     momentum: float = 0.9  # SPRING momentum mu on the SR direction, 0 <= mu < 1 (0: plain SR)
     phase_scale: float = 1.0  # phase time step / amplitude time step (1: plain SR)
     phase_scale_final: float = 1.0  # decays geometrically to this value, like diag_shift
+    max_step: float = 0.0  # trust region: longest update, lr sqrt(d^T S d) (0: no limit)
     cg_tol: float = 1e-6
     cg_maxiter: int = 200
 
@@ -266,6 +267,8 @@ def validate(cfg: DictConfig | Config, n_ranks: int = 1) -> Config:
         _finite_positive(f"optimizer.{name}", getattr(o, name))
     _require(o.warmup >= 0, "optimizer.warmup", o.warmup, "must be >= 0")
     _require(0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "must be in [0, 1)")
+    _require(math.isfinite(o.max_step) and o.max_step >= 0, "optimizer.max_step", o.max_step,
+             "must be finite and >= 0 (0: no limit)")
     _require(o.cg_maxiter > 0, "optimizer.cg_maxiter", o.cg_maxiter, "must be positive")
     _require(r.n_iter > 0, "run.n_iter", r.n_iter, "must be positive")
     _require(0 <= r.seed < SEED_LIMIT, "run.seed", r.seed, "must be in [0, 2^63)")

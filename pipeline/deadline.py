@@ -85,11 +85,14 @@ def train(driver, state, deadline: Deadline, first_horizon: int,
     """Run `driver` from `state` until the deadline's horizon is reached; the driver's schedules
     follow the horizon (`Driver.set_horizon`). Returns (state, horizon) with state.step ==
     horizon. `first_horizon` holds until the compilation steps are done (unless even they leave
-    no time: then the run ends there)."""
+    no time: then the run ends there). A blown-up step rolls back as in `Driver.run`."""
     horizon = first_horizon
     driver.set_horizon(schedule_end(horizon, driver.cfg.run.finetune_steps))
+    snapshot = state
     while state.step < horizon:
-        state, rec = driver.step(state)
+        state, rec, snapshot = driver.advance(state, snapshot)
+        if rec is None:  # rolled back (`Driver.advance`)
+            continue
         deadline.record(rec)
         new = deadline.horizon(state.step)  # while compiling: from the compilation steps
         if new <= state.step:

@@ -148,23 +148,29 @@ class Driver:
         finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params))
         return not (finite and math.isfinite(record.energy) and abs(record.energy) <= 2 * bound)
 
+    def advance(self, state: RunState, snapshot: RunState
+                ) -> tuple[RunState, StepRecord | None, RunState]:
+        """One step under the rollback policy: (new state, its record, snapshot), the snapshot
+        moved to the new state at every checkpoint.every_steps steps; after a blown-up step
+        (snapshot with one more rollback, None, snapshot). Every training loop steps through
+        here (`run`, `deadline.train`)."""
+        new, record = self.step(state)
+        if self.blown_up(record, new.vstate.params):
+            return self._rollback(state, snapshot, record), None, snapshot
+        return new, record, new if new.step % self.cfg.checkpoint.every_steps == 0 else snapshot
+
     # ---- the loop --------------------------------------------------------------------------
     def run(self, state: RunState) -> tuple[RunState, dict]:
         """Train until run.n_iter, then measure the energy on fresh samples. Returns
         (state, final measurement)."""
         for h in self.hooks:
             h.on_run_start(state)
-        snapshot, every = state, self.cfg.checkpoint.every_steps
+        snapshot = state
         while state.step < self.cfg.run.n_iter:
-            new, record = self.step(state)
-            if self.blown_up(record, new.vstate.params):
-                state = self._rollback(state, snapshot, record)
-                continue
-            state = new
-            if state.step % every == 0:
-                snapshot = state
-            for h in self.hooks:
-                h.on_step_end(state, record)
+            state, record, snapshot = self.advance(state, snapshot)
+            if record is not None:
+                for h in self.hooks:
+                    h.on_step_end(state, record)
         final = observables.energy(state.vstate.replace(system=self.final_system),
                                    self.cfg.sampler.n_samples_final, state.step)
         final["symmetry"] = str(self.final_system.cfg.model.symmetry)

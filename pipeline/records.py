@@ -23,7 +23,8 @@ class StepRecord:
     t_sample: float  # of which sampling
     t_energy: float  # local energies and their statistics
     t_sr: float  # log-derivatives, SR solve and update
-    lr: float  # learning rate applied (schedule x rollback scale)
+    lr: float  # learning rate applied (schedule x rollback scale x trust-region factor)
+    step_length: float  # Fubini-Study length of the update, lr sqrt(d^T S d) (optimizer.max_step)
     diag_shift: float  # lambda of (S + lambda I)
     phase_scale: float  # kappa: phase step / amplitude step
     cg_iterations: int  # CG iterations (0 for the direct solvers)

@@ -47,6 +47,8 @@ GROWING = ("history", "attention")  # groups whose datasets grow by rows while t
 Tables = Mapping[str, tuple[type, tuple[int, ...]]]
 HISTORY_TABLES: dict[str, tuple[type, tuple[int, ...]]] = {
     f"history/{name}": (DTYPES[name], ()) for name in HISTORY}
+ADDED = ("step_length",)  # history fields newer than some files: resuming such a file gives its
+# earlier rows NaN there
 log = logging.getLogger("vitnqs")
 
 
@@ -128,7 +130,7 @@ def load(path: str, attempts: int = 3) -> Content:
 def check_history(path: str, c: Content, step: int) -> None:
     """A resume from checkpoint `step` needs exactly the rows of steps 0 .. step-1."""
     h = c.history
-    missing = [k for k in HISTORY if k not in h]
+    missing = [k for k in HISTORY if k not in h and k not in ADDED]
     if missing:
         raise ResultsError(f"results file {path} lacks history fields {missing}: not a results "
                            "file of this version; use another hydra.run.dir")
@@ -165,6 +167,8 @@ def prepare(path: str, attrs: Mapping[str, object], step: int, n_iter: int,
         c = old if old is not None else Content()
         check_history(path, c, step)
         c.cut(step)
+        for k in ADDED:
+            c.datasets.setdefault(f"history/{k}", (np.full(step, np.nan, DTYPES[k]), {}))
     else:  # a new run, or an attempt killed before its first checkpoint: start the file over
         c = Content()
     for name, (dtype, shape) in tables.items():

@@ -17,10 +17,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import pytest
 
 import pipeline  # noqa: F401,E402  (enables float64)
 from pipeline.config import Config, validate  # noqa: E402
+from pipeline.sr import Preconditioner  # noqa: E402
 from pipeline.system import System  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,3 +68,18 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600,
 
 def mpirun(n: int) -> tuple[str, ...]:
     return (os.path.join(os.path.dirname(PYTHON), "mpirun"), "-n", str(n))
+
+
+class FailOnce(Preconditioner):
+    """SR that returns non-finite parameters once, at step `at`: a blown-up step on demand."""
+
+    def __init__(self, at: int, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.at, self.failed = at, False
+
+    def update(self, logpsi, params, s, eloc, state, step, lr_scale):
+        params, state, info = super().update(logpsi, params, s, eloc, state, step, lr_scale)
+        if step == self.at and not self.failed:
+            self.failed = True
+            params = jax.tree_util.tree_map(lambda x: x * jnp.nan, params)
+        return params, state, info

@@ -15,7 +15,7 @@ import pytest
 from pipeline.deadline import Deadline, train
 from pipeline.driver import Driver
 
-from conftest import ROOT, system_for
+from conftest import ROOT, FailOnce, system_for
 
 
 def _step(seconds: float, sampling: float = 0.0) -> SimpleNamespace:
@@ -100,3 +100,25 @@ def test_accuracy_benchmark_with_a_warm_start_keeps_its_budget(tmp_path) -> None
     assert row["warm_steps"] > 2 and row["steps"] > 2, row
     assert row["final_samples"] >= 128 and np.isfinite(row["energy_per_site"]), row
     assert row["energy_per_site"] > -0.50380965 - 5 * row["energy_error"], row  # variational
+
+
+def test_budgeted_training_rolls_back_a_blown_up_step() -> None:
+    """The budgeted loop (the accuracy benchmark's) steps under the same rollback policy as
+    `Driver.run`: a step that returns non-finite parameters goes back to the last snapshot with
+    half the learning rate, and training goes on to the horizon with finite parameters."""
+    from jax.flatten_util import ravel_pytree
+
+    system = system_for(**{"model.d": 8, "sampler.n_samples": 128, "sampler.n_chains": 64,
+                           "sampler.n_thermalize": 2, "checkpoint.every_steps": 2,
+                           "optimizer.warmup": 0})
+    c = system.cfg
+    n_params = system.n_params(system.init_params(0))
+    driver = Driver(system, [], FailOnce(3, c.optimizer, c.run.n_iter, n_params, 128))
+    steps: list[int] = []
+    ample = Deadline(time.perf_counter() + 600, lambda *_: 0.0, skip=100)  # horizon stays 6
+    state, horizon = train(driver, driver.fresh_state(), ample, 6,
+                           lambda st, rec, h: steps.append(rec.step))
+    assert (state.step, horizon) == (6, 6)
+    assert steps == [0, 1, 2, 2, 3, 4, 5]  # step 3 blew up: back to the step-2 snapshot
+    assert state.rollbacks == 1 and state.lr_scale == 0.5
+    assert np.all(np.isfinite(np.asarray(ravel_pytree(state.vstate.params)[0])))

@@ -169,12 +169,35 @@ def test_changed_model_is_refused_and_nothing_is_overwritten(tmp_path) -> None:
 
 
 def test_rollback_then_clear_failure_on_exploding_energy(tmp_path) -> None:
-    out = job(tmp_path, "optimizer.lr=1e6", "optimizer.warmup=0", "run.max_rollbacks=2", check=False)
+    out = job(tmp_path, "optimizer.lr=1e6", "optimizer.warmup=0", "run.max_rollbacks=2",
+              "optimizer.max_step=0", check=False)  # no trust region: the steps blow up
     assert out.returncode != 0
     assert "rolled back to step 0" in out.stdout
     assert "gave up after 2 rollbacks" in out.stderr
     st = json.load(open(os.path.join(tmp_path, "status.json")))
     assert st["state"] == "failed" and "NonFiniteEnergy" in st["error"]
+
+
+def test_default_trust_region_holds_a_huge_learning_rate(tmp_path) -> None:
+    """The same learning rate with the configured trust region (optimizer.max_step=0.1): every
+    step is shortened to that Fubini-Study length, and the run ends with no rollback."""
+    out = job(tmp_path, "optimizer.lr=1e6", "optimizer.warmup=0")
+    assert "rolled back" not in out.stdout
+    h = history(tmp_path)
+    np.testing.assert_allclose(h["step_length"], 0.1, rtol=1e-9)
+    assert np.all(h["lr"] < 1.0) and np.all(np.isfinite(h["energy"]))
+
+
+def test_results_file_without_a_newer_history_field_resumes(reference_run, tmp_path) -> None:
+    """A results.h5 of an earlier version (no history/step_length) resumes: its earlier rows get
+    NaN there, the later ones the measured lengths, and the run is the uninterrupted one."""
+    job(tmp_path, "run.steps_per_job=4")
+    with h5py.File(os.path.join(tmp_path, "results.h5"), "a") as f:
+        del f["history/step_length"]
+    assert "resumed from step 4" in job(tmp_path).stdout
+    length = history(tmp_path)["step_length"]
+    assert np.all(np.isnan(length[:4])) and np.all(np.isfinite(length[4:]) & (length[4:] > 0))
+    assert_same_run(reference_run[0], tmp_path)
 
 
 def _write_fake_checkpoint(run_dir, step: int, **attrs) -> str:

@@ -40,11 +40,14 @@ def test_one_rank_and_k_ranks_agree(tmp_path, solver: str, ranks: tuple[int, ...
         assert out.returncode == 0, out.stderr
     a = np.load(runs[1])
     assert np.ptp(a["energies"]) > 1e-3  # the parameters did move
+    limited = np.isclose(a["lengths"], a["max_step"], rtol=1e-12)
+    assert limited.any() and not limited.all(), a["lengths"]  # the trust region acted, not always
     for n in ranks:
         b = np.load(runs[n])
         assert int(b["n_ranks"]) == n
         np.testing.assert_array_equal(a["chains"], b["chains"])
         np.testing.assert_allclose(b["energies"], a["energies"], rtol=1e-8, atol=0)
+        np.testing.assert_allclose(b["lengths"], a["lengths"], rtol=1e-8, atol=0)
         np.testing.assert_allclose(b["params"], a["params"], rtol=1e-8, atol=1e-8)
 
 

@@ -19,10 +19,10 @@ from pipeline.hamiltonian import Hamiltonian, local_energies
 from pipeline.hooks import BaseHook, CheckpointHook
 from pipeline.lattice import Lattice
 from pipeline.models import group
-from pipeline.sr import Preconditioner, SRState
+from pipeline.sr import SRState
 from pipeline.state import VariationalState
 
-from conftest import make_config, randomized, system_for
+from conftest import FailOnce, make_config, randomized, system_for
 
 
 # ---- statistics -------------------------------------------------------------------------------
@@ -216,19 +216,6 @@ def test_checkpoints_by_time(tmp_path) -> None:
 
 
 # ---- rollback -----------------------------------------------------------------------------------
-class _FailOnce(Preconditioner):
-    """Returns non-finite parameters once, at step `at`."""
-
-    at, failed = 3, False
-
-    def update(self, logpsi, params, s, eloc, state, step, lr_scale):
-        params, state, info = super().update(logpsi, params, s, eloc, state, step, lr_scale)
-        if step == self.at and not self.failed:
-            type(self).failed = True
-            params = jax.tree_util.tree_map(lambda x: x * jnp.nan, params)
-        return params, state, info
-
-
 class _Recorder(BaseHook):
     def __init__(self) -> None:
         self.steps, self.rollbacks, self.params = [], [], {}
@@ -251,7 +238,7 @@ def test_rollback_returns_to_the_snapshot_and_the_run_continues() -> None:
     system = System.build(c)
     rec = _Recorder()
     n_params = system.n_params(system.init_params(0))
-    driver = Driver(system, [rec], _FailOnce(c.optimizer, 6, n_params, 128))
+    driver = Driver(system, [rec], FailOnce(3, c.optimizer, 6, n_params, 128))
     state, final = driver.run(driver.fresh_state())
     assert rec.rollbacks == [(2, 1, 0.5)]  # back to the step-2 snapshot, half the learning rate
     np.testing.assert_array_equal(rec.params_back, rec.params[2])

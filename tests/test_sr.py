@@ -39,8 +39,10 @@ def test_solvers_agree(n: int, P: int, momentum: float, kappa: float) -> None:
     previous = jnp.asarray(np.random.default_rng(1).normal(size=P))
     X, e = sr.centred_rows(O, E, n, kappa)
     shift = jnp.asarray(1e-3)
-    sols = {name: np.asarray(sr.solve(X, e, n, shift, name, 1e-12, 2000, previous, momentum)[0])
-            for name in ("dense", "cg")}
+    sols, metric = {}, {}
+    for name in ("dense", "cg"):
+        x, info = sr.solve(X, e, n, shift, name, 1e-12, 2000, previous, momentum)
+        sols[name], metric[name] = np.asarray(x), float(info.metric_norm)
     # the kernel system solved inside jit (as off CPU) and on the host (BLAS syrk, LAPACK
     # Cholesky, as `direction` does on CPU); X phi enters through the Jacobian's rows
     zeta = sr._kernel_rhs(e, (X @ previous).reshape(2, n), n, momentum)
@@ -48,7 +50,7 @@ def test_solvers_agree(n: int, P: int, momentum: float, kappa: float) -> None:
                                             sr.host_kernel_solve(X, zeta, n, 1e-3, False))):
         x, info = sr.solve_rows(X, e, zeta, solved, n, shift, "kernel", 1e-12, 2000, previous,
                                 jnp.asarray(momentum))
-        sols[name] = np.asarray(x)
+        sols[name], metric[name] = np.asarray(x), float(info.metric_norm)
         assert float(info.residual) < 1e-10, (name, float(info.residual))
     # Reference: S and F written out from the formulas of science.md; with momentum, SPRING in
     # its sample-space form phi = Y^T (Y Y^T + lambda)^{-1} (eps - mu Y phi_prev) + mu phi_prev,
@@ -68,6 +70,37 @@ def test_solvers_agree(n: int, P: int, momentum: float, kappa: float) -> None:
         ref = Y.T @ np.linalg.solve(Y @ Y.T + 1e-3 * np.eye(2 * n), zeta) + momentum * prev
     for name, x in sols.items():
         np.testing.assert_allclose(x, ref, rtol=1e-6, atol=1e-8, err_msg=name)
+        # the trust region's measure of the step: d^T S d with S written out as above
+        np.testing.assert_allclose(metric[name], ref @ S @ ref, rtol=1e-6, err_msg=name)
+
+
+def _update(max_step: float, lr_scale: float = 1.0):
+    """One SR update of a random 4x4 state on random Sz = 0 samples and local energies, with
+    the trust region at `max_step` (0: none): (parameters before, after, info)."""
+    system = system_for(**{"model.d": 8, "optimizer.warmup": 0, "optimizer.momentum": 0.0,
+                           "optimizer.max_step": max_step})
+    params = randomized(system.init_params(0), jax.random.PRNGKey(1), 0.1)
+    rng = np.random.default_rng(0)
+    s = jnp.asarray(np.array([rng.permutation([1, -1] * 8) for _ in range(64)], np.int8))
+    eloc = jnp.asarray(rng.normal(size=64) + 1j * rng.normal(size=64))
+    pre = sr.Preconditioner(system.cfg.optimizer, 10, system.n_params(params), 64)
+    new, _, info = pre.update(system.logpsi, params, s, eloc, pre.init(params), 3, lr_scale)
+    return ravel_pytree(params)[0], ravel_pytree(new)[0], info
+
+
+def test_trust_region_shortens_the_step_and_keeps_its_direction() -> None:
+    """A limit below the step's Fubini-Study length lr sqrt(d^T S d) scales the update down to
+    that length (same direction, learning rate scaled alike); a limit above it changes nothing."""
+    before, free, info = _update(0.0, lr_scale=0.5)
+    assert info["step_length"] > 0
+    limit = info["step_length"] / 4
+    _, short, short_info = _update(limit, lr_scale=0.5)
+    np.testing.assert_allclose(short - before, (free - before) / 4, rtol=1e-9, atol=1e-14)
+    assert short_info["step_length"] == pytest.approx(limit, rel=1e-12)
+    assert short_info["lr"] == pytest.approx(info["lr"] / 4, rel=1e-12)
+    _, loose, loose_info = _update(2 * info["step_length"], lr_scale=0.5)
+    np.testing.assert_array_equal(loose, free)
+    assert loose_info["lr"] == info["lr"] and loose_info["step_length"] == info["step_length"]
 
 
 @pytest.mark.parametrize("rows,blocks", [(74, 4), (74, 3), (9, 1), (5, 4)])

@@ -15,6 +15,8 @@ from pipeline.config import Config, validate
 from pipeline.driver import Driver
 from pipeline.system import System
 
+MAX_STEP = 0.05  # binds on some of the steps (test_mpi checks that it does)
+
 
 def main(out: str, solver: str, n_steps: int) -> None:
     c = Config()
@@ -26,21 +28,23 @@ def main(out: str, solver: str, n_steps: int) -> None:
     c.optimizer.momentum = 0.9  # the SPRING terms are distributed too (rows of X phi_prev)
     c.optimizer.phase_scale, c.optimizer.phase_scale_final = 10.0, 2.0  # and the phase scale
     c.optimizer.cg_tol, c.optimizer.cg_maxiter = 1e-10, 5000  # converged: no round-off amplification
+    c.optimizer.max_step = MAX_STEP  # the trust region's d^T S d is summed over ranks too
     c.run.n_iter = n_steps
     c = validate(c, dist.size())
     with dist.abort_on_error():
         driver = Driver(System.build(c))
         state = driver.fresh_state()
-        energies = []
+        energies, lengths = [], []
         for _ in range(n_steps):
             state, record = driver.step(state)
             energies.append(record.energy)
+            lengths.append(record.step_length)
         flat = np.asarray(ravel_pytree(state.vstate.params)[0])
         dist.assert_same("parameters", flat)
         chains = dist.gather_rows(np.asarray(state.vstate.chains))
         if dist.is_root():
-            np.savez(out, energies=np.array(energies), params=flat, chains=chains,
-                     n_ranks=dist.size())
+            np.savez(out, energies=np.array(energies), lengths=np.array(lengths),
+                     max_step=MAX_STEP, params=flat, chains=chains, n_ranks=dist.size())
 
 
 if __name__ == "__main__":
