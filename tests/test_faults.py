@@ -98,8 +98,12 @@ def kill_repeatedly(run_dir, extra: list[str], launcher: tuple[str, ...], kills:
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         rows0 = _rows(run_dir)
-        if rng.random() < 0.25:
-            time.sleep(rng.uniform(0.5, 6.0))  # start-up: imports, restore, compilation
+        if rng.random() < 0.25:  # start-up (imports, restore, compilation), at the latest when
+            # the first new row appears: a warm start-up takes 2-3 s, and 6 s of fast steps could
+            # otherwise run the job to its end before the last kill
+            end = time.monotonic() + rng.uniform(0.5, 6.0)
+            while time.monotonic() < end and _rows(run_dir) <= rows0 and proc.poll() is None:
+                time.sleep(0.005)
         else:
             target = rows0 + rng.randint(1, 2)
             deadline = time.monotonic() + 240
