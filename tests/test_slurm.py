@@ -205,11 +205,14 @@ def steps_lasting(seconds: float, tmp_path) -> int:
 def test_time_limit_requeues_within_the_cap(tmp_path) -> None:
     """slurmctld checks time limits every 30 s and signals a job once it is within signal delay
     + 30 s of its end, so with a 60 s limit and a 10 s delay a job segment gets the signal 20-50 s
-    after it starts and is killed 60-90 s after. 50 s of steps cannot fit into one segment and fit
-    into the requeue cap even when every segment is signalled at its earliest. The run is a few
+    after it starts and is killed 60-90 s after, so a segment holds at most about 45 s of steps
+    (50 s less start-up) and at least about 15 s. 70 s of steps (estimated with a 1.3 margin for
+    checkpoints, so at least about 54 s of real steps) cannot fit into one segment and fit into
+    the requeue cap even when every segment is signalled at its earliest. (With 50 s a job once
+    ended in one segment: about 40 s of real steps and a late signal.) The run is a few
     hundred steps of the tiny SMALL model, whose energy spikes at the default diagonal shift (one
     run diverged past 3 rollbacks); a larger shift keeps it stable, which is not what is tested."""
-    n = steps_lasting(50.0, tmp_path)
+    n = steps_lasting(70.0, tmp_path)
     t0 = time.monotonic()
     out = run_cli("launcher=slurm", "launcher.timeout_min=1", "launcher.signal_delay_s=10",
                   "launcher.max_requeues=6", *SMALL, "optimizer.diag_shift=0.01", f"run.n_iter={n}",
