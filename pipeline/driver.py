@@ -79,18 +79,19 @@ class Driver:
         self.finetune = system.with_symmetry(Symmetry.full) if cfg.run.finetune_steps else None
         last = Symmetry.full if self.finetune else cfg.model.symmetry
         self.final_system = system.with_symmetry(cfg.sampler.final_symmetry or last)
-        self.set_horizon(cfg.run.n_iter, preconditioner)
+        self.switch = cfg.run.n_iter - cfg.run.finetune_steps
+        self.preconditioner = preconditioner or Preconditioner(
+            cfg.optimizer, self.switch, self.n_params, cfg.sampler.n_samples,
+            system.jacobian_chunk)
 
-    def set_horizon(self, n_iter: int, preconditioner: Preconditioner | None = None) -> None:
+    def set_horizon(self, n_iter: int) -> None:
         """Where the schedules end: fine-tuning takes the last run.finetune_steps of `n_iter`
         steps on the fully projected state, after the schedules (lr -> lr_final, diag_shift ->
         diag_shift_final, ...) have reached their final values at n_iter - finetune_steps. The
-        optimizer state does not depend on it, so a run may move its horizon (`deadline.train`)."""
-        cfg = self.cfg
-        self.switch = n_iter - cfg.run.finetune_steps
-        self.preconditioner = preconditioner or Preconditioner(
-            cfg.optimizer, self.switch, self.n_params, cfg.sampler.n_samples,
-            self.system.jacobian_chunk)
+        optimizer state does not depend on it, so a run may move its horizon (`deadline.train`);
+        the preconditioner itself is kept (`Preconditioner.set_horizon`)."""
+        self.switch = n_iter - self.cfg.run.finetune_steps
+        self.preconditioner.set_horizon(self.switch)
 
     @property
     def solver(self) -> str:

@@ -447,12 +447,18 @@ class Preconditioner:
                  chunk: int = 0) -> None:
         self.config, self.n_total, self.chunk = o, n_total, chunk
         self.solver, self.reason = choose_solver(o.solver, n_params, n_total, dist.size())
+        self.n_params = n_params
+        self.set_horizon(n_iter)
+
+    def set_horizon(self, n_iter: int) -> None:
+        """The schedules (learning rate, diagonal shift, phase scale) end at step `n_iter`. The
+        optimizer state (a step count) does not depend on it, so a run may move its horizon."""
+        o = self.config
         self.lr = optax.warmup_cosine_decay_schedule(o.lr / 10, o.lr, o.warmup,
                                                      max(n_iter, o.warmup + 1), o.lr_final)
         self.diag_shift = geometric_schedule(o.diag_shift, o.diag_shift_final, n_iter)
         self.phase_scale = geometric_schedule(o.phase_scale, o.phase_scale_final, n_iter)
         self.optimizer = optax.sgd(self.lr)
-        self.n_params = n_params
 
     def init(self, params) -> SRState:
         return SRState(self.optimizer.init(params), jax.tree_util.tree_map(jnp.zeros_like, params))

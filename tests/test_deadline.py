@@ -113,10 +113,7 @@ def test_budgeted_training_rolls_back_a_blown_up_step() -> None:
                            "optimizer.warmup": 0})
     c = system.cfg
     n_params = system.n_params(system.init_params(0))
-    fail = FailOnce(3, c.optimizer, c.run.n_iter, n_params, 128)
-    driver = Driver(system, [], fail)
-    # `train` re-sets the horizon, which builds a new preconditioner: keep the failing one
-    driver.set_horizon = lambda n_iter, preconditioner=None: Driver.set_horizon(driver, n_iter, fail)
+    driver = Driver(system, [], FailOnce(3, c.optimizer, c.run.n_iter, n_params, 128))
     steps: list[int] = []
     ample = Deadline(time.perf_counter() + 600, lambda *_: 0.0, skip=100)  # horizon stays 6
     state, horizon = train(driver, driver.fresh_state(), ample, 6,
