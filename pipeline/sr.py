@@ -267,17 +267,14 @@ def solve(X: jax.Array, e: jax.Array, n_total: int, diag_shift: jax.Array, solve
     Xx = X @ x
     r = dist.allreduce_sum(Xx @ X) / n_total + diag_shift * x - rhs
     return x, SRInfo(iters, _relative(jnp.sum(r * r), jnp.sum(rhs * rhs)),
-                     dist.allreduce_sum(jnp.sum(Xx * Xx)) / n_total)
+                     _metric_norm(Xx, n_total, False))
 
 
-def _metric_norm(X: jax.Array, x: jax.Array, n_total: int, blocks: bool) -> jax.Array:
-    """d^T S d = |X d|^2 / N_tot for the direction x: from this rank's column block of all ranks'
-    rows (`blocks`: the partial products X d summed over ranks) or from its own rows."""
-    if blocks:
-        Xd = dist.allreduce_sum(X @ _block_of(x, X.shape[1]))
-        return jnp.sum(Xd * Xd) / n_total
-    Xd = X @ x
-    return dist.allreduce_sum(jnp.sum(Xd * Xd)) / n_total
+def _metric_norm(Xd: jax.Array, n_total: int, all_rows: bool) -> jax.Array:
+    """d^T S d = |X d|^2 / N_tot from the products X d: of all ranks' rows (`all_rows`, as the
+    kernel solver distributed by parameter blocks has them) or of this rank's own rows."""
+    square = jnp.sum(Xd * Xd)
+    return (square if all_rows else dist.allreduce_sum(square)) / n_total
 
 
 def _relative(r2: jax.Array, b2: jax.Array) -> jax.Array:
@@ -407,8 +404,8 @@ def solve_rows(X: jax.Array, e: jax.Array, zeta: jax.Array | None,
     blocks = solver == "kernel" and dist.size() > 1
     y, residual = solved or _kernel_system(_kernel_matrix(X, n_total, blocks), zeta, diag_shift)
     x = _kernel_update(X, y, n_total, phi, momentum, blocks)
-    return unravel(x), SRInfo(jnp.zeros((), jnp.int32), residual,
-                              _metric_norm(X, x, n_total, blocks))
+    Xd = dist.allreduce_sum(X @ _block_of(x, X.shape[1])) if blocks else X @ x
+    return unravel(x), SRInfo(jnp.zeros((), jnp.int32), residual, _metric_norm(Xd, n_total, blocks))
 
 
 def direction(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: int,
@@ -476,7 +473,7 @@ class Preconditioner:
                             jnp.asarray(kappa), self.solver, self.chunk, o.cg_tol, o.cg_maxiter,
                             state.previous, jnp.asarray(o.momentum))
         lr = float(self.lr(step)) * lr_scale
-        length = lr * math.sqrt(max(float(info.metric_norm), 0.0))
+        length = lr * math.sqrt(float(info.metric_norm))  # NaN on a blown-up step: no cap
         if o.max_step > 0 and length > o.max_step:  # trust region: shorten, keep the direction
             lr_scale *= o.max_step / length
             lr, length = lr * o.max_step / length, o.max_step
