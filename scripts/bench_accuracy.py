@@ -10,12 +10,17 @@ full size, predicted from the step phases and the measured cost of a compilation
 MEASURE_SHARE of the budget), and the measurements draw samples block by block (up to
 sampler.n_samples_final and PROJECTED_SAMPLES) while the time left allows.
 
+--measure exact (the default where the lattice has at most exact.MAX_SITES sites: 4x4) replaces
+both Monte Carlo measurements by exact sums over the Sz = 0 sector (`pipeline.exact`: no
+statistical error, seconds instead of minutes); they are compiled and timed once on the initial
+state, and training keeps that time (x SAFETY) for them. --measure mc forces the sampled ones.
+
 --size 4 uses conf/experiment/bench_4x4.yaml (15 minutes), --size 6 bench_6x6.yaml (60 minutes).
 --warm F (F > 0, size > 4): the first fraction F of the budget trains the same model on 4x4, whose
 parameters start the large run (`pipeline.warmstart.map_params`, as run.init_from does).
 
 usage: python scripts/bench_accuracy.py [--size 4|6] [--minutes M] [--kinds factored,standard]
-           [--seeds 0,1,2,3] [--warm 0,0.2] [--json FILE] [key=value ...]
+           [--seeds 0,1,2,3] [--warm 0,0.2] [--measure auto|exact|mc] [--json FILE] [key=value ...]
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline import observables, warmstart
+from pipeline import exact, observables, warmstart
 from pipeline.config import compose, validate
 from pipeline.deadline import Deadline, train
 from pipeline.driver import Driver
@@ -125,7 +130,17 @@ def measurements(state, cfg, deadline: Deadline, end: float, ref) -> tuple[dict,
         vs, state.step, PROJECTED_BURN_IN, block, PROJECTED_SAMPLES, end, SAFETY), ref)
 
 
-def bench(size: int, kind: str, seed: int, warm: float, minutes: float, overrides: list[str]) -> dict:
+def exact_measurements(system: System) -> Callable[[object], tuple[dict, dict]]:
+    """params -> the exact (trained, fully projected) energies: full sums over the Sz = 0 sector
+    with the same forward passes as the sampled measurements, one compilation each."""
+    h, states = exact.sparse_hamiltonian(system.hamiltonian)
+    N = system.n_sites
+    vectors = [exact.state_vector(s.logpsi, states, N) for s in (system, system.with_symmetry("full"))]
+    return lambda params: tuple(exact.expectation(h, v(params), N) for v in vectors)
+
+
+def bench(size: int, kind: str, seed: int, warm: float, minutes: float, exact_sums: bool,
+          overrides: list[str]) -> dict:
     start = time.perf_counter()
     end = start + minutes * 60
     cfg = configure(size, kind, seed, overrides)
@@ -133,8 +148,19 @@ def bench(size: int, kind: str, seed: int, warm: float, minutes: float, override
     params, warm_steps = (warm_params(size, kind, seed, overrides, start + warm * minutes * 60, system)
                           if warm > 0 else (None, 0))
     driver = Driver(system)
-    images = projection_images(cfg, system)
-    deadline = Deadline(end, reserve(cfg, images, minutes * 60))
+    state = driver.fresh_state(params)
+    ref = reference_energy(cfg, system.hamiltonian)
+    if exact_sums:  # compiled and timed on the initial state; training keeps that time for them
+        exact_of = exact_measurements(system)
+        t0 = time.perf_counter()
+        initial = exact_of(state.vstate.params)[1]
+        exact_s = time.perf_counter() - t0
+        print(f"  [{kind} seed {seed}] exact sums over {initial['n_samples']} states: {exact_s:.1f} s "
+              f"with compilation; initial E/N fully projected {initial['energy_per_site']:.6f}",
+              flush=True)
+        deadline = Deadline(end, lambda *_: SAFETY * exact_s)
+    else:
+        deadline = Deadline(end, reserve(cfg, projection_images(cfg, system), minutes * 60))
     split: dict[str, list[float]] = {k: [] for k in SPLIT}
 
     def log(state, rec, horizon: int) -> None:
@@ -145,12 +171,15 @@ def bench(size: int, kind: str, seed: int, warm: float, minutes: float, override
                   f"± {rec.energy_error:.6f}", flush=True)
 
     t_train = time.perf_counter()
-    state, n_iter = train(driver, driver.fresh_state(params), deadline, cfg.run.n_iter, log)
+    state, n_iter = train(driver, state, deadline, cfg.run.n_iter, log)
     train_s = time.perf_counter() - t_train
     t_final = time.perf_counter()
-    ref = reference_energy(cfg, system.hamiltonian)
-    final, projected = measurements(state, cfg, deadline, end, ref)
+    if exact_sums:
+        final, projected = (with_reference(m, ref) for m in exact_of(state.vstate.params))
+    else:
+        final, projected = measurements(state, cfg, deadline, end, ref)
     return {"L": size, "attention": kind, "seed": seed, "warm": warm, "warm_steps": warm_steps,
+            "measure": "exact" if exact_sums else "mc",
             "params": driver.n_params, "solver": driver.solver, "symmetry": cfg.model.symmetry,
             "J2": cfg.hamiltonian.J2, "steps": n_iter, "seconds_per_step": train_s / max(n_iter, 1),
             **{f"median_{k}": statistics.median(v) for k, v in split.items()},
@@ -182,9 +211,11 @@ def report(rows: list[dict], minutes: float) -> None:
               f"{r['projected_relative_error']:>10.2e} {r['wall_minutes']:>8.1f}")
     for r in rows:
         inside = "inside" if r["wall_minutes"] <= minutes else "OVER"
+        how = (f"exact sums over {r['final_samples']} states" if r["measure"] == "exact" else
+               f"{r['final_samples']} samples, {r['projected_samples']} fully projected")
         print(f"{r['attention']} seed {r['seed']} warm {r['warm']:g}: {inside} the budget; warm-up "
               f"steps {r['warm_steps']}; final measurements {r['measure_seconds']:.0f} s "
-              f"({r['final_samples']} samples, {r['projected_samples']} fully projected); median "
+              f"({how}); median "
               f"step: sampling {r['median_t_sample']:.3f} s, local energies "
               f"{r['median_t_energy']:.3f} s, SR {r['median_t_sr']:.3f} s")
     for key in sorted({(r["attention"], r["warm"]) for r in rows}):
@@ -201,6 +232,9 @@ def main() -> None:
     ap.add_argument("--kinds", default="factored,standard")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--warm", default="0", help="fractions of the budget for a 4x4 warm start")
+    ap.add_argument("--measure", default="auto", choices=("auto", "exact", "mc"),
+                    help="final energies by exact sums or by sampling (auto: exact where the "
+                         f"lattice has at most {exact.MAX_SITES} sites)")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -208,13 +242,19 @@ def main() -> None:
     warms = [float(w) for w in args.warm.split(",")]
     if args.size == WARM_L and any(warms):
         ap.error(f"--warm needs --size > {WARM_L} (the warm start trains on {WARM_L}x{WARM_L})")
+    small = args.size ** 2 <= exact.MAX_SITES
+    if args.measure == "exact" and not small:
+        ap.error(f"--measure exact needs at most {exact.MAX_SITES} sites; {args.size}x{args.size} "
+                 f"has {args.size ** 2}")
+    exact_sums = args.measure == "exact" or (args.measure == "auto" and small)
     print(f"{args.size}x{args.size}: budget {minutes:g} min per run on {os.cpu_count()} cores; "
+          f"final energies {'exact' if exact_sums else 'sampled'}; "
           f"overrides: {' '.join(args.overrides) or 'none'}", flush=True)
     rows = []
     for kind in args.kinds.split(","):
         for warm in warms:
             for seed in (int(s) for s in args.seeds.split(",")):
-                rows.append(bench(args.size, kind, seed, warm, minutes, args.overrides))
+                rows.append(bench(args.size, kind, seed, warm, minutes, exact_sums, args.overrides))
                 report(rows[-1:], minutes)
     print("\nall runs (E/N per site in S.S units; relative error against the reference table or "
           "exact diagonalization):")

@@ -26,22 +26,6 @@ from pipeline import exact, sr
 from pipeline.driver import Driver
 from pipeline.system import System
 
-BATCH = 2048
-
-
-def state_vector(system: System, basis: np.ndarray):
-    """params -> the normalized variational state on the Sz = 0 basis (complex vector)."""
-    logpsi = jax.jit(system.logpsi)
-    s = exact.configs(basis, system.n_sites)
-
-    def vector(params) -> np.ndarray:
-        lp = np.concatenate([np.asarray(logpsi(params, s[i:i + BATCH]))
-                             for i in range(0, len(s), BATCH)])
-        psi = np.exp(lp - lp.real.max())
-        return psi / np.linalg.norm(psi)
-
-    return vector
-
 
 def gram_float32(X: jax.Array, n_total: int) -> np.ndarray:
     """`pipeline.sr.host_gram` accumulated in float32 (BLAS ssyrk), returned in float64."""
@@ -50,7 +34,7 @@ def gram_float32(X: jax.Array, n_total: int) -> np.ndarray:
 
 
 def energy(h, psi: np.ndarray, n_sites: int) -> float:
-    return float(np.real(np.vdot(psi, h @ psi))) / n_sites
+    return exact.expectation(h, psi, n_sites)["energy_per_site"]
 
 
 def main() -> None:
@@ -69,8 +53,8 @@ def main() -> None:
     N = system.n_sites
     h, basis = exact.sparse_hamiltonian(system.hamiltonian)
     e0, gs, _ = exact.ground_state(system.hamiltonian)
-    vector = state_vector(system, basis)
-    projected = state_vector(system.with_symmetry("full"), basis)
+    vector = exact.state_vector(system.logpsi, basis, N)
+    projected = exact.state_vector(system.with_symmetry("full").logpsi, basis, N)
     rel = lambda e: (e - e0) / abs(e0)  # noqa: E731
     driver = Driver(system)
     state = driver.fresh_state()
