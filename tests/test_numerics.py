@@ -157,6 +157,32 @@ def test_lanczos_start_is_not_an_eigenvector(kind: str, marshall: bool) -> None:
     assert abs(v @ g) > 1e-4  # it overlaps the ground state
 
 
+@pytest.mark.parametrize("mode", ["none", "translations"])
+def test_exact_expectation_equals_the_weighted_local_energies(mode: str) -> None:
+    """The accuracy benchmark's exact final energies (`exact.state_vector`, `exact.expectation`)
+    are the |psi|^2-weighted mean and variance of the pipeline's own local energies over every
+    state of the sector (an independent route: forward passes on connected configurations, not
+    the sparse matrix), and give E0 with zero variance on the exact ground state."""
+    system = system_for(**{"model.d": 8, "model.symmetry": mode, "hamiltonian.J2": 0.5})
+    params = randomized(system.init_params(0), jax.random.PRNGKey(5), 0.1)
+    h, states = exact.sparse_hamiltonian(system.hamiltonian)
+    psi = exact.state_vector(system.logpsi, states, 16)(params)
+    got = exact.expectation(h, psi, 16)
+    s = exact.configs(states, 16)
+    e_loc = np.asarray(local_energies(system.hamiltonian, system.logpsi, params, s,
+                                      system.logpsi(params, s), 0))
+    p = np.abs(psi) ** 2
+    mean = np.sum(p * e_loc)
+    var = np.sum(p * np.abs(e_loc - mean) ** 2)
+    assert abs(mean.imag) < 1e-10
+    assert got["energy_per_site"] == pytest.approx(mean.real / 16, rel=1e-10)
+    assert got["variance_per_site"] == pytest.approx(var / 16, rel=1e-8)
+    assert got["v_score"] == pytest.approx(16 * var / mean.real ** 2, rel=1e-8)
+    assert got["energy_error"] == 0.0 and got["n_samples"] == 12870
+    e0, g, _ = exact.ground_state(system.hamiltonian)
+    ground = exact.expectation(h, g, 16)
+    assert ground["energy_per_site"] == pytest.approx(e0, rel=1e-12) and ground["v_score"] < 1e-9
+
 # ---- checkpoints --------------------------------------------------------------------------------
 def _snap(step: int) -> checkpoint.Snapshot:
     return checkpoint.Snapshot(step, {"w": np.full(3, float(step))}, (np.zeros(2),),
