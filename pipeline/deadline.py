@@ -8,6 +8,13 @@ step's cost is the larger of the median of the last `window` steps and the mean 
 three (a load that starts now counts at once, one slow step does not halve the horizon), and a
 `reserve` for what follows training (final measurements) is recomputed from the recent sampling
 cost and the measured cost of compilation. Compilation steps (the first `skip`) are left out of the estimates.
+
+A fine-tuning phase (run.finetune_steps on the fully projected state, `Driver`) costs several
+training steps a step: while training, the horizon keeps room for its steps at `tail_factor`
+times a training step (the caller's estimate, e.g. the ratio of symmetry images); once it has
+begun, its own measured steps after the first (which compiles and burns in) decide, and the
+horizon moves without moving the schedules or the phase's start. The phase's compilation is
+reserved as one training compilation (`compile_seconds`).
 """
 from __future__ import annotations
 
@@ -45,22 +52,35 @@ class Deadline:
     # from the cost of one compilation (`compile_seconds`)
     window: int = WINDOW
     skip: int = SKIP
+    tail: int = 0  # fine-tuning steps at the end of the run (run.finetune_steps)
+    tail_factor: float = 1.0  # their expected cost in training steps, until they are measured
     steps: list[float] = field(default_factory=list)
     sweeps: list[float] = field(default_factory=list)
     energies: list[float] = field(default_factory=list)
+    tail_steps: list[float] = field(default_factory=list)
 
-    def record(self, rec: StepRecord) -> None:
+    def record(self, rec: StepRecord, tail: bool = False) -> None:
+        """A training step's times, or (`tail`) a fine-tuning step's."""
+        if tail:
+            self.tail_steps.append(rec.seconds)
+            return
         self.steps.append(rec.seconds)
         self.sweeps.append(rec.t_sample)
         self.energies.append(rec.t_energy)
 
-    def _recent(self, t: list[float]) -> list[float]:
-        return (t[self.skip:] or t)[-self.window:]
+    def _recent(self, t: list[float], skip: int | None = None) -> list[float]:
+        return (t[self.skip if skip is None else skip:] or t)[-self.window:]
 
     def step_seconds(self) -> float:
-        """The expected cost of the next step (see the module doc)."""
-        t = self._recent(self.steps)
-        return max(statistics.median(t), statistics.fmean(t[-3:]))
+        """The expected cost of the next training step (see the module doc)."""
+        return _expected(self._recent(self.steps))
+
+    def tail_seconds(self) -> float:
+        """The expected cost of the next fine-tuning step: from those done after the first
+        (which compiles and burns in), else tail_factor training steps."""
+        if len(self.tail_steps) > 1:
+            return _expected(self._recent(self.tail_steps, 1))
+        return self.tail_factor * self.step_seconds()
 
     def phase_seconds(self) -> tuple[float, float]:
         """Recent (sampling, local energies) seconds per step: medians over the window."""
@@ -75,9 +95,22 @@ class Deadline:
         return self.reserve(*self.phase_seconds(), self.compile_seconds())
 
     def horizon(self, step: int, now: float | None = None) -> int:
-        """The total number of steps that fit: `step` done plus those the time left allows."""
+        """The total number of steps that fit: `step` done plus those the time left allows, the
+        last `tail` of them (all that fit, once the fine-tuning phase has begun) fine-tuning."""
         left = self.end - (time.perf_counter() if now is None else now) - self.reserve_seconds()
-        return step + max(int(left // self.step_seconds()), 0)
+        if self.tail_steps or not self.tail or len(self.steps) <= self.skip:  # (compiling)
+            cost = self.tail_seconds() if self.tail_steps else self.step_seconds()
+            return step + max(int(left // cost), 0)
+        left -= self.compile_seconds()  # the phase compiles its projected step once
+        tail_left = left - self.tail * self.tail_seconds()
+        if tail_left < 0:  # not even the whole phase fits: it starts now, shorter
+            return step + max(int(left // self.tail_seconds()), 0)
+        return step + int(tail_left // self.step_seconds()) + self.tail
+
+
+def _expected(t: list[float]) -> float:
+    """The larger of the median and the mean of the last three (see the module doc)."""
+    return max(statistics.median(t), statistics.fmean(t[-3:]))
 
 
 def train(driver, state, deadline: Deadline, first_horizon: int,
@@ -86,20 +119,25 @@ def train(driver, state, deadline: Deadline, first_horizon: int,
     follow the horizon (`Driver.set_horizon`). Returns (state, horizon) with state.step ==
     horizon. `first_horizon` holds until the compilation steps are done (unless even they leave
     no time: then the run ends there). A blown-up step rolls back as in `Driver.run`."""
+    finetune = driver.cfg.run.finetune_steps
+    deadline.tail = finetune
     horizon = first_horizon
-    driver.set_horizon(schedule_end(horizon, driver.cfg.run.finetune_steps))
+    driver.set_horizon(schedule_end(horizon, finetune))
     snapshot = state
     while state.step < horizon:
+        tail = finetune > 0 and state.step >= driver.switch
         state, rec, snapshot = driver.advance(state, snapshot)
         if rec is None:  # rolled back (`Driver.advance`)
             continue
-        deadline.record(rec)
+        deadline.record(rec, tail)
         new = deadline.horizon(state.step)  # while compiling: from the compilation steps
         if new <= state.step:
             horizon = state.step
+        elif tail:  # fine-tuning: the schedules and the phase's start stay where they are
+            horizon = new
         elif len(deadline.steps) > deadline.skip and abs(new - horizon) > REBUILD * horizon:
             horizon = new
-            driver.set_horizon(schedule_end(horizon, driver.cfg.run.finetune_steps))
+            driver.set_horizon(schedule_end(horizon, finetune))
         if on_step:
             on_step(state, rec, horizon)
     return state, horizon

@@ -150,6 +150,7 @@ def bench(size: int, kind: str, seed: int, warm: float, minutes: float, exact_su
     driver = Driver(system)
     state = driver.fresh_state(params)
     ref = reference_energy(cfg, system.hamiltonian)
+    images = projection_images(cfg, system)  # also the cost of a fine-tuning step, a priori
     if exact_sums:  # compiled and timed on the initial state; training keeps that time for them
         exact_of = exact_measurements(system)
         t0 = time.perf_counter()
@@ -158,9 +159,9 @@ def bench(size: int, kind: str, seed: int, warm: float, minutes: float, exact_su
         print(f"  [{kind} seed {seed}] exact sums over {initial['n_samples']} states: {exact_s:.1f} s "
               f"with compilation; initial E/N fully projected {initial['energy_per_site']:.6f}",
               flush=True)
-        deadline = Deadline(end, lambda *_: SAFETY * exact_s)
+        deadline = Deadline(end, lambda *_: SAFETY * exact_s, tail_factor=images)
     else:
-        deadline = Deadline(end, reserve(cfg, projection_images(cfg, system), minutes * 60))
+        deadline = Deadline(end, reserve(cfg, images, minutes * 60), tail_factor=images)
     split: dict[str, list[float]] = {k: [] for k in SPLIT}
 
     def log(state, rec, horizon: int) -> None:
@@ -182,6 +183,8 @@ def bench(size: int, kind: str, seed: int, warm: float, minutes: float, exact_su
             "measure": "exact" if exact_sums else "mc",
             "params": driver.n_params, "solver": driver.solver, "symmetry": cfg.model.symmetry,
             "J2": cfg.hamiltonian.J2, "steps": n_iter, "seconds_per_step": train_s / max(n_iter, 1),
+            "finetune_steps": len(deadline.tail_steps),
+            "seconds_per_finetune_step": statistics.fmean(deadline.tail_steps or [np.nan]),
             **{f"median_{k}": statistics.median(v) for k, v in split.items()},
             "energy_per_site": final["energy_per_site"], "energy_error": final["energy_error"],
             "reference": ref, "relative_error": final["relative_error"], "v_score": final["v_score"],
@@ -213,7 +216,9 @@ def report(rows: list[dict], minutes: float) -> None:
         inside = "inside" if r["wall_minutes"] <= minutes else "OVER"
         how = (f"exact sums over {r['final_samples']} states" if r["measure"] == "exact" else
                f"{r['final_samples']} samples, {r['projected_samples']} fully projected")
-        print(f"{r['attention']} seed {r['seed']} warm {r['warm']:g}: {inside} the budget; warm-up "
+        tail = (f"; {r['finetune_steps']} of them fine-tuning, {r['seconds_per_finetune_step']:.1f} s "
+                f"each" if r["finetune_steps"] else "")
+        print(f"{r['attention']} seed {r['seed']} warm {r['warm']:g}: {inside} the budget{tail}; warm-up "
               f"steps {r['warm_steps']}; final measurements {r['measure_seconds']:.0f} s "
               f"({how}); median "
               f"step: sampling {r['median_t_sample']:.3f} s, local energies "

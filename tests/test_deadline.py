@@ -42,6 +42,53 @@ def test_horizon_follows_the_step_times_and_the_reserve() -> None:
     assert d.horizon(14, now=999.0) == 14  # no time left: no more steps
 
 
+def test_horizon_keeps_room_for_the_fine_tuning_steps() -> None:
+    """Before the fine-tuning phase the horizon keeps its steps at tail_factor training steps
+    each (the phase starts at once, shorter, when it does not fit whole); once begun, its own
+    measured steps decide (the first, which compiles, left out)."""
+    d = Deadline(end=1000.0, reserve=lambda *_: 0.0, skip=2, tail=10, tail_factor=16.0)
+    for s in (30.0, 30.0):  # compiling: the phase is not costed yet
+        d.record(_step(s))
+    assert d.horizon(2, now=0.0) == 2 + int(1000 // 30.0)
+    for _ in range(8):
+        d.record(_step(1.0))
+    # 900 s less a compilation (29 s): 10 x 16 s, then 711 x 1 s
+    assert d.horizon(10, now=100.0) == 10 + 711 + 10
+    assert d.horizon(10, now=900.0) == 10 + 4  # 100 - 29 s: 4 steps of 16 s, from now on
+    d.record(_step(40.0), tail=True)  # compiles: the a priori cost still holds
+    assert d.tail_seconds() == 16.0 and d.step_seconds() == 1.0
+    for _ in range(2):
+        d.record(_step(12.0), tail=True)
+    assert d.tail_seconds() == 12.0
+    assert d.horizon(760, now=900.0) == 760 + 8  # begun: no compilation reserved
+
+
+def test_fine_tuning_inside_a_budget() -> None:
+    """A budgeted run with run.finetune_steps: its last steps (fully projected, several times a
+    training step) fit the budget, at least run.finetune_steps of them run, at lr_final, and the
+    time is used."""
+    system = system_for(**{"model.d": 8, "sampler.n_samples": 256, "sampler.n_chains": 128,
+                           "optimizer.lr_final": 0.001, "optimizer.warmup": 2,
+                           "optimizer.max_step": 0.0, "run.finetune_steps": 3,
+                           "sampler.n_thermalize": 2})
+    driver = Driver(system)
+    budget = 25.0
+    start = time.perf_counter()
+    records = []
+    # compilation inside the budget (the phase's is reserved as one); a projected step of a model
+    # this small costs about 25 training steps (fixed overheads), not the 16 of its images
+    deadline = Deadline(start + budget, lambda *_: 0.0, tail_factor=40.0)
+    state, horizon = train(driver, driver.fresh_state(), deadline, 10_000,
+                           lambda st, rec, h: records.append(rec))
+    elapsed = time.perf_counter() - start
+    tail = [r for r in records if r.step >= driver.switch]
+    assert state.step == horizon and len(tail) >= 3, (len(records), driver.switch)
+    assert tail == records[-len(tail):] and len(deadline.tail_steps) == len(tail)
+    assert all(r.lr == pytest.approx(0.001) for r in tail)
+    assert elapsed <= budget + tail[-1].seconds, elapsed
+    assert elapsed >= budget - 3 * max(r.seconds for r in tail[1:]), "time left unused"
+
+
 def _busy(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
@@ -100,6 +147,26 @@ def test_accuracy_benchmark_with_a_warm_start_keeps_its_budget(tmp_path) -> None
     assert row["warm_steps"] > 2 and row["steps"] > 2, row
     assert row["final_samples"] >= 128 and np.isfinite(row["energy_per_site"]), row
     assert row["energy_per_site"] > -0.50380965 - 5 * row["energy_error"], row  # variational
+
+
+def test_accuracy_benchmark_with_exact_final_energies_keeps_its_budget(tmp_path) -> None:
+    """`scripts/bench_accuracy --size 4` (exact final energies by default there) on a small model
+    and a 0.6-minute budget: inside it, with exact energies above the exact ground state and
+    relative errors computed from them."""
+    out = tmp_path / "rows.json"
+    small = ["model.d=8", "model.heads=2", "sampler.n_samples=256", "sampler.n_chains=128"]
+    proc = subprocess.run([sys.executable, "scripts/bench_accuracy.py", "--minutes", "0.6",
+                           "--kinds", "factored", "--json", str(out), *small],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads(out.read_text())
+    e0 = -0.5286202095
+    assert row["measure"] == "exact" and row["final_samples"] == row["projected_samples"] == 12870
+    assert row["wall_minutes"] <= 0.6 + 0.05 and row["steps"] > 2, row
+    for e, err, rel in (("energy_per_site", "energy_error", "relative_error"),
+                        ("projected_energy", "projected_error", "projected_relative_error")):
+        assert row[e] > e0 and row[err] == 0.0, row
+        assert row[rel] == pytest.approx((row[e] - e0) / -e0, rel=1e-6), row
 
 
 def test_budgeted_training_rolls_back_a_blown_up_step() -> None:
