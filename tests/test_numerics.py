@@ -183,6 +183,7 @@ def test_exact_expectation_equals_the_weighted_local_energies(mode: str) -> None
     ground = exact.expectation(h, g, 16)
     assert ground["energy_per_site"] == pytest.approx(e0, rel=1e-12) and ground["v_score"] < 1e-9
 
+
 # ---- checkpoints --------------------------------------------------------------------------------
 def _snap(step: int) -> checkpoint.Snapshot:
     return checkpoint.Snapshot(step, {"w": np.full(3, float(step))}, (np.zeros(2),),
