@@ -53,6 +53,13 @@ class Solver(StrEnum):
     kernel_gather = "kernel_gather"
 
 
+class GramDtype(StrEnum):
+    """Accumulation of the kernel solvers' Gram matrix X X^T (the system is solved in float64)."""
+
+    float64 = "float64"
+    float32 = "float32"
+
+
 class LauncherKind(StrEnum):
     local = "local"
     slurm = "slurm"
@@ -112,6 +119,7 @@ class OptimizerConfig:
     phase_scale: float = 1.0  # phase time step / amplitude time step (1: plain SR)
     phase_scale_final: float = 1.0  # decays geometrically to this value, like diag_shift
     max_step: float = 0.0  # trust region: longest update, lr sqrt(d^T S d) (0: no limit)
+    gram_dtype: GramDtype = GramDtype.float64  # kernel solvers: X X^T accumulated in this dtype
     cg_tol: float = 1e-6
     cg_maxiter: int = 200
 

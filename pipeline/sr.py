@@ -27,7 +27,9 @@ Solvers (all give the same direction up to round-off or the CG tolerance):
   cg      matrix-free conjugate gradient, one all-reduce of a P-vector per iteration.
   kernel  minSR, (X X^T / N_tot + lambda I) y = e - mu X phi, direction = X^T y / N_tot + mu phi.
           On CPU X X^T is built by BLAS syrk between two jitted stages, elsewhere from its
-          upper block triangle inside jit. On K ranks X is never
+          upper block triangle inside jit; in float64, or with optimizer.gram_dtype=float32 from
+          a float32 copy of the centred X (written in the centring pass) with float32
+          accumulation, then solved in float64. On K ranks X is never
           gathered: an all-to-all re-shards it so that each rank holds all 2 N_tot rows of its
           block of P/K columns, X^(r); each rank forms X^(r) X^(r)^T, the sum over ranks (an
           all-reduce) is the kernel, every rank solves the small system, computes its block of the
@@ -134,23 +136,30 @@ def _rows(eloc: jax.Array, n_total: int, phase_scale: jax.Array | float) -> jax.
     return jnp.concatenate([dE.real, phase_scale * dE.imag])
 
 
-def _subtract_in_place(buf: jax.Array, mean: jax.Array, axis: int, chunk: int) -> jax.Array:
+def _subtract_in_place(buf: jax.Array, mean: jax.Array, axis: int, chunk: int,
+                       low: Any = None) -> tuple[jax.Array, jax.Array | None]:
     """buf - mean, `chunk` rows along `axis` at a time inside a loop: XLA then updates the
-    buffer in place instead of allocating a second one of the size of X."""
+    buffer in place instead of allocating a second one of the size of X. With a dtype `low`
+    (float32 for the Gram matrix), also the result in that dtype (else None)."""
     c = rows_per_chunk(buf.shape[axis], chunk)
 
     def body(i, b):
         block = jax.lax.dynamic_slice_in_dim(b, i * c, c, axis)
         return jax.lax.dynamic_update_slice_in_dim(b, block - mean, i * c, axis)
 
-    return jax.lax.fori_loop(0, buf.shape[axis] // c, body, buf)
+    out = jax.lax.fori_loop(0, buf.shape[axis] // c, body, buf)
+    return out, (out.astype(low) if low is not None else None)
 
 
-def centred_jacobian(J: jax.Array, total: jax.Array, n_total: int, chunk: int = 0) -> jax.Array:
+def centred_jacobian(J: jax.Array, total: jax.Array, n_total: int, chunk: int = 0,
+                     low: Any = None) -> tuple[jax.Array, jax.Array | None]:
     """X (2n x P) from the Jacobian (2, n, P) and its sum over this rank's samples: centred over
-    all ranks' samples, in place, and reshaped for free (no second copy of X)."""
+    all ranks' samples, in place, and reshaped for free (no second copy of X); with a dtype
+    `low`, also X in that dtype (see `_subtract_in_place`), else None."""
     mean = dist.allreduce_sum(total) / n_total
-    return _subtract_in_place(J, mean, 1, chunk).reshape(-1, J.shape[-1])
+    X, X_low = _subtract_in_place(J, mean, 1, chunk, low)
+    flat = (lambda a: a.reshape(-1, J.shape[-1]))
+    return flat(X), (flat(X_low) if X_low is not None else None)
 
 
 def centred_rows(O: jax.Array, eloc: jax.Array, n_total: int,
@@ -158,7 +167,8 @@ def centred_rows(O: jax.Array, eloc: jax.Array, n_total: int,
     """X and e from complex log-derivatives O (n, P) (kappa: the phase time step relative to the
     amplitude one; 1 for plain SR)."""
     J = jnp.stack([O.real, O.imag])
-    return centred_jacobian(J, J.sum(1, keepdims=True), n_total), _rows(eloc, n_total, phase_scale)
+    return (centred_jacobian(J, J.sum(1, keepdims=True), n_total)[0],
+            _rows(eloc, n_total, phase_scale))
 
 
 def _eigen_solve(w, V, b, xp):
@@ -203,9 +213,12 @@ def _cg(matvec: Callable, b: jax.Array, tol: float, maxiter: int) -> tuple[jax.A
 
 
 def host_gram(X: jax.Array, n_total: int) -> np.ndarray:
-    """The upper triangle of X X^T / N_tot (column-major) by BLAS syrk, reading the concrete,
-    row-major X in place through its transpose."""
-    return scipy.linalg.blas.dsyrk(1.0 / n_total, np.asarray(X).T, trans=1)
+    """The upper triangle of X X^T / N_tot (column-major, float64) by BLAS syrk, reading the
+    concrete, row-major X in place through its transpose: dsyrk for a float64 X, ssyrk (float32
+    accumulation, twice the speed) for a float32 one."""
+    A = np.asarray(X)
+    syrk = scipy.linalg.blas.ssyrk if A.dtype == np.float32 else scipy.linalg.blas.dsyrk
+    return np.asarray(syrk(1.0 / n_total, A.T, trans=1), np.float64)
 
 
 def host_kernel_solve(X: jax.Array, zeta: jax.Array, n_total: int, diag_shift: float,
@@ -217,7 +230,8 @@ def host_kernel_solve(X: jax.Array, zeta: jax.Array, n_total: int, diag_shift: f
     numerically positive definite, the clipped eigen-solve of `_spd_solve`. On the 2-core
     machine this takes 0.18 + 0.08 s for 2048 x 3368 where XLA took 0.32 + 0.15 s (the block
     build and its Cholesky); as a callback inside jit, syrk was slower than the blocks (an XLA
-    worker thread spinning beside it)."""
+    worker thread spinning beside it). X is the Gram's copy of X (float32 with
+    optimizer.gram_dtype=float32); the system is solved in float64 either way."""
     A = dist.host_allreduce_sum(host_gram(X, n_total))
     A[np.diag_indices_from(A)] += diag_shift
     b = np.asarray(zeta)
@@ -230,16 +244,22 @@ def host_kernel_solve(X: jax.Array, zeta: jax.Array, n_total: int, diag_shift: f
     return jnp.asarray(y), jnp.asarray(np.linalg.norm(r) / max(np.linalg.norm(b), 1e-300))
 
 
+def _product(A: jax.Array, B: jax.Array) -> jax.Array:
+    """A B^T in float64, accumulated in the dtype of A and B: in float32 at full float32
+    precision (no TF32 or bfloat16 passes on accelerators that would take them by default)."""
+    return jnp.matmul(A, B.T, precision=jax.lax.Precision.HIGHEST).astype(jnp.float64)
+
+
 def gram_blocks(X: jax.Array, blocks: int = GRAM_BLOCKS) -> jax.Array:
-    """X X^T inside jit, using the symmetry that XLA's matmul does not: the blocks on and above
-    the diagonal, the rest mirrored, (k + 1) / 2k of the work (k row blocks; the last may be
-    short). The row blocks are copies of X, so beyond GRAM_BLOCKS_MAX_BYTES the plain product is
-    taken (twice the work, no copy)."""
+    """X X^T (float64) inside jit, using the symmetry that XLA's matmul does not: the blocks on
+    and above the diagonal, the rest mirrored, (k + 1) / 2k of the work (k row blocks; the last
+    may be short). The row blocks are copies of X, so beyond GRAM_BLOCKS_MAX_BYTES the plain
+    product is taken (twice the work, no copy). A float32 X is accumulated in float32."""
     if X.size * X.dtype.itemsize > GRAM_BLOCKS_MAX_BYTES:
-        return X @ X.T
+        return _product(X, X)
     edges = [round(i * X.shape[0] / blocks) for i in range(blocks + 1)]
     B = [X[a:b] for a, b in zip(edges[:-1], edges[1:])]
-    upper = {(i, j): B[i] @ B[j].T for i in range(blocks) for j in range(i, blocks)}
+    upper = {(i, j): _product(B[i], B[j]) for i in range(blocks) for j in range(i, blocks)}
     return jnp.block([[upper[i, j] if j >= i else upper[j, i].T for j in range(blocks)]
                       for i in range(blocks)])
 
@@ -282,10 +302,12 @@ def _relative(r2: jax.Array, b2: jax.Array) -> jax.Array:
 
 
 def columns_by_rank(logpsi: Callable, params, s: jax.Array, n_total: int, chunk: int,
-                    phi: jax.Array) -> tuple[jax.Array, jax.Array]:
+                    phi: jax.Array, low: Any = None
+                    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """This rank's block of columns of the centred X, with the rows of *all* ranks' samples:
     (K * 2 * n_local, ceil(P / K)), rows ordered (rank, Re/Im, sample), columns zero-padded at
-    the end; and the uncentred product of this rank's own rows with phi (2, n_local).
+    the end; the same block in dtype `low` (None: none); and the uncentred product of this
+    rank's own rows with phi (2, n_local).
 
     The Jacobian is built `chunk` samples at a time and each chunk's rows are sent to the ranks
     that own their columns at once (an all-to-all per chunk), so this rank never holds all P
@@ -310,7 +332,9 @@ def columns_by_rank(logpsi: Callable, params, s: jax.Array, n_total: int, chunk:
         0, n // c, body, (jnp.zeros((K, 2, n, Pb), flat.dtype),
                           jnp.zeros((1, 2, 1, Pb), flat.dtype), jnp.zeros((2, n), flat.dtype)))
     # Re and Im rows centred apart, over all ranks' samples (every rank has all of its columns).
-    return _subtract_in_place(buf, total / n_total, 2, c).reshape(K * 2 * n, Pb), prod
+    X, X_low = _subtract_in_place(buf, total / n_total, 2, c, low)
+    flat = (lambda a: a.reshape(K * 2 * n, Pb))
+    return flat(X), (flat(X_low) if X_low is not None else None), prod
 
 
 def _kernel_rhs(e: jax.Array, Xphi: jax.Array, n_total: int,
@@ -325,13 +349,14 @@ def _kernel_rhs(e: jax.Array, Xphi: jax.Array, n_total: int,
 def _kernel_matrix(X: jax.Array, n_total: int, blocks: bool) -> jax.Array:
     """T = X X^T / N_tot over all ranks' rows, inside jit: from this rank's column block
     (`blocks`, summed over ranks), from its rows on one rank, or from its rows against all
-    gathered rows (kernel_gather on K ranks)."""
+    gathered rows (kernel_gather on K ranks). X is the Gram's copy of X (float32 with
+    optimizer.gram_dtype=float32: accumulated in float32, returned in float64)."""
     if blocks:
         return dist.allreduce_sum(gram_blocks(X)) / n_total
     if dist.size() == 1:
         return gram_blocks(X) / n_total
     Xg = dist.allgather(X).reshape(-1, X.shape[1])
-    return dist.allgather(X @ Xg.T).reshape(Xg.shape[0], Xg.shape[0]) / n_total
+    return dist.allgather(_product(X, Xg)).reshape(Xg.shape[0], Xg.shape[0]) / n_total
 
 
 def _kernel_system(T: jax.Array, zeta: jax.Array, diag_shift: jax.Array
@@ -372,37 +397,64 @@ def _is_kernel(solver: str) -> bool:
     return solver in ("kernel", "kernel_gather")
 
 
-@partial(jax.jit, static_argnames=("logpsi", "n_total", "solver", "chunk"))
+class Rows(NamedTuple):
+    """The first stage's output: X (this rank's rows, or its column block of all ranks' rows),
+    e, the kernel right-hand side zeta (kernel solvers, else None), and the float32 copy of X
+    that the Gram matrix is built from (optimizer.gram_dtype=float32 with a kernel solver, else
+    None: the Gram reads X)."""
+
+    X: jax.Array
+    e: jax.Array
+    zeta: jax.Array | None
+    X_gram: jax.Array | None
+
+    @property
+    def gram(self) -> jax.Array:
+        """The matrix whose X X^T is the kernel."""
+        return self.X if self.X_gram is None else self.X_gram
+
+
+def _gram_low(gram_dtype: str, solver: str) -> Any:
+    """The dtype of the Gram's copy of X: float32 where asked for and a kernel is built, else
+    None (the Gram reads the float64 X itself)."""
+    return jnp.float32 if gram_dtype == "float32" and _is_kernel(solver) else None
+
+
+@partial(jax.jit, static_argnames=("logpsi", "n_total", "solver", "chunk", "gram_dtype"))
 def rows(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: int,
          phase_scale: jax.Array, solver: str, chunk: int, previous,
-         momentum: jax.Array | float) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+         momentum: jax.Array | float, gram_dtype: str = "float64") -> Rows:
     """The first stage of `direction`: X (this rank's rows; for the kernel solver on K ranks its
     column block of all ranks' rows, `columns_by_rank`), e, and for the kernel solvers the
-    right-hand side zeta (X phi accumulated while the Jacobian is built)."""
+    right-hand side zeta (X phi accumulated while the Jacobian is built) and, in float32, the
+    Gram's copy of X (written in the centring pass)."""
     e = _rows(eloc, n_total, phase_scale)
     phi = ravel_pytree(previous)[0] if _is_kernel(solver) else None
+    low = _gram_low(gram_dtype, solver)
     if solver == "kernel" and dist.size() > 1:
-        X, Xphi = columns_by_rank(logpsi, params, s, n_total, chunk, phi)
+        X, X_low, Xphi = columns_by_rank(logpsi, params, s, n_total, chunk, phi, low)
     else:
         J, total, Xphi = _jacobian_and_sum(logpsi, params, s, chunk, phi)
-        X = centred_jacobian(J, total, n_total, chunk)
-    return X, e, (_kernel_rhs(e, Xphi, n_total, momentum) if phi is not None else None)
+        X, X_low = centred_jacobian(J, total, n_total, chunk, low)
+    return Rows(X, e, _kernel_rhs(e, Xphi, n_total, momentum) if phi is not None else None, X_low)
 
 
 @partial(jax.jit, static_argnames=("n_total", "solver", "cg_maxiter"))
-def solve_rows(X: jax.Array, e: jax.Array, zeta: jax.Array | None,
-               solved: tuple[jax.Array, jax.Array] | None, n_total: int, diag_shift: jax.Array,
-               solver: str, cg_tol: float, cg_maxiter: int, previous,
+def solve_rows(r: Rows, solved: tuple[jax.Array, jax.Array] | None, n_total: int,
+               diag_shift: jax.Array, solver: str, cg_tol: float, cg_maxiter: int, previous,
                momentum: jax.Array | float):
     """The second stage of `direction`: the direction as a parameter pytree (the structure of
-    `previous`) and the solve diagnostics, from X, e, and for the kernel solvers zeta and the
-    kernel system's solution with its residual if the host solved it (`solved`; None: here)."""
+    `previous`) and the solve diagnostics, from the first stage's rows, for the kernel solvers
+    with the kernel system's solution and its residual if the host solved it (`solved`; None:
+    here)."""
     phi, unravel = ravel_pytree(previous)
+    X = r.X
     if not _is_kernel(solver):
-        x, info = solve(X, e, n_total, diag_shift, solver, cg_tol, cg_maxiter, phi, momentum)
+        x, info = solve(X, r.e, n_total, diag_shift, solver, cg_tol, cg_maxiter, phi, momentum)
         return unravel(x), info
     blocks = solver == "kernel" and dist.size() > 1
-    y, residual = solved or _kernel_system(_kernel_matrix(X, n_total, blocks), zeta, diag_shift)
+    y, residual = solved or _kernel_system(_kernel_matrix(r.gram, n_total, blocks), r.zeta,
+                                           diag_shift)
     x = _kernel_update(X, y, n_total, phi, momentum, blocks)
     Xd = dist.allreduce_sum(X @ _block_of(x, X.shape[1])) if blocks else X @ x
     return unravel(x), SRInfo(jnp.zeros((), jnp.int32), residual, _metric_norm(Xd, n_total, blocks))
@@ -410,17 +462,19 @@ def solve_rows(X: jax.Array, e: jax.Array, zeta: jax.Array | None,
 
 def direction(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: int,
               diag_shift: jax.Array, phase_scale: jax.Array, solver: str, chunk: int,
-              cg_tol: float, cg_maxiter: int, previous, momentum: jax.Array | float):
+              cg_tol: float, cg_maxiter: int, previous, momentum: jax.Array | float,
+              gram_dtype: str = "float64"):
     """The SR direction as a parameter pytree (`previous`: the last one, for momentum), with
     solve diagnostics. Two jitted stages (`rows`, `solve_rows`); X stays in one buffer between
     them, and on CPU the kernel system is solved there by BLAS and LAPACK (`host_kernel_solve`).
-    The kernel solvers pass over X three times after building it: centring, X X^T, X^T y."""
-    X, e, zeta = rows(logpsi, params, s, eloc, n_total, phase_scale, solver, chunk, previous,
-                      momentum)
-    solved = (host_kernel_solve(X, zeta, n_total, float(diag_shift), dist.size() > 1)
+    The kernel solvers pass over X three times after building it: centring (which also writes
+    the float32 copy for gram_dtype=float32), X X^T, X^T y."""
+    r = rows(logpsi, params, s, eloc, n_total, phase_scale, solver, chunk, previous, momentum,
+             gram_dtype)
+    solved = (host_kernel_solve(r.gram, r.zeta, n_total, float(diag_shift), dist.size() > 1)
               if host_kernel_used(solver) else None)
-    return solve_rows(X, e, zeta, solved, n_total, diag_shift, solver, cg_tol, cg_maxiter,
-                      previous, momentum)
+    return solve_rows(r, solved, n_total, diag_shift, solver, cg_tol, cg_maxiter, previous,
+                      momentum)
 
 
 class SRState(NamedTuple):
@@ -471,7 +525,7 @@ class Preconditioner:
         shift, kappa = float(self.diag_shift(step)), float(self.phase_scale(step))
         d, info = direction(logpsi, params, s, eloc, self.n_total, jnp.asarray(shift),
                             jnp.asarray(kappa), self.solver, self.chunk, o.cg_tol, o.cg_maxiter,
-                            state.previous, jnp.asarray(o.momentum))
+                            state.previous, jnp.asarray(o.momentum), str(o.gram_dtype))
         lr = float(self.lr(step)) * lr_scale
         length = lr * math.sqrt(float(info.metric_norm))  # NaN on a blown-up step: no cap
         if o.max_step > 0 and length > o.max_step:  # trust region: shorten, keep the direction

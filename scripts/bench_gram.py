@@ -2,13 +2,13 @@
 centred, scaled Jacobian rows), on the 4x4 accuracy-benchmark model.
 
 1. Cost and error of the product alone: X of the benchmark's shape (2 x sampler.n_samples rows, P
-   columns, Gaussian entries), median of --repeat timings of `pipeline.sr.host_gram` (float64
-   BLAS syrk, one triangle) and of its float32 variant (ssyrk); the relative error of T and of
-   the regularized solve (T + lambda I)^{-1} e with lambda = optimizer.diag_shift_final (the
-   smallest shift of a run).
+   columns, Gaussian entries), median of --repeat timings of `pipeline.sr.host_gram` on X in
+   float64 (BLAS dsyrk, one triangle) and in float32 (ssyrk, what optimizer.gram_dtype=float32
+   runs); the relative error of T and of the regularized solve (T + lambda I)^{-1} e with
+   lambda = optimizer.diag_shift_final (the smallest shift of a run).
 2. The effect on training: `scripts/track_exact` run twice in separate processes (--steps steps,
-   same seed), in float64 and with --gram-float32; both exact-energy trajectories are printed.
-   float64 stays the default unless the trajectories agree to the Monte Carlo error bar.
+   same seed), with optimizer.gram_dtype=float64 and =float32; both exact-energy trajectories
+   are printed. float32 is the default only if they agree to the Monte Carlo error bar.
 
 usage: python scripts/bench_gram.py [--kind factored] [--repeat 5] [--steps 150] [--every 25]
                                     [key=value ...]
@@ -29,7 +29,6 @@ import numpy as np
 from bench_accuracy import configure
 from pipeline import sr
 from pipeline.system import System
-from track_exact import gram_float32
 
 
 def timed(f, X, repeat: int) -> tuple[float, np.ndarray]:
@@ -57,7 +56,7 @@ def main() -> None:
     n = 2 * cfg.sampler.n_samples
     X = jax.random.normal(jax.random.PRNGKey(0), (n, P), jnp.float64) / np.sqrt(n)
     t64, T64 = timed(lambda x: sr.host_gram(x, 1), X, args.repeat)
-    t32, T32 = timed(lambda x: gram_float32(x, 1), X, args.repeat)
+    t32, T32 = timed(lambda x: sr.host_gram(x, 1), X.astype(jnp.float32), args.repeat)
     lam = cfg.optimizer.diag_shift_final
     e = jax.random.normal(jax.random.PRNGKey(1), (n,), jnp.float64)
     y64, y32 = (np.linalg.solve(np.asarray(T) + lam * np.eye(n), np.asarray(e)) for T in (T64, T32))
@@ -66,11 +65,11 @@ def main() -> None:
           f"{np.linalg.norm(T32 - T64) / np.linalg.norm(T64):.1e}, of the solve at shift {lam:g} "
           f"{np.linalg.norm(y32 - y64) / np.linalg.norm(y64):.1e}", flush=True)
     here = os.path.dirname(os.path.abspath(__file__))
-    for flag in ([], ["--gram-float32"]):
-        print(f"\n== track_exact {' '.join(flag) or '(float64)'}", flush=True)
+    for dtype in ("float64", "float32"):
+        print(f"\n== track_exact optimizer.gram_dtype={dtype}", flush=True)
         subprocess.run([sys.executable, os.path.join(here, "track_exact.py"), "--kind", args.kind,
-                        "--steps", str(args.steps), "--every", str(args.every), *flag,
-                        *args.overrides], check=True)
+                        "--steps", str(args.steps), "--every", str(args.every), *args.overrides,
+                        f"optimizer.gram_dtype={dtype}"], check=True)
 
 
 if __name__ == "__main__":

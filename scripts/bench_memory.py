@@ -87,12 +87,11 @@ def _one(size: str, n_total: int, path: str, chunk: int) -> None:
     t0 = time.perf_counter()
     # the two jitted stages of sr.direction; the peak is the larger one's (X lives in both)
     first = (*args[:5], args[6], solver, chunk, zero, args[12])
-    X, e, zeta = jax.eval_shape(sr.rows, *first)
-    solved = ((jax.ShapeDtypeStruct(zeta.shape, zeta.dtype), jax.ShapeDtypeStruct((), X.dtype))
-              if sr.host_kernel_used(solver) else None)
+    r = jax.eval_shape(sr.rows, *first)
+    solved = ((jax.ShapeDtypeStruct(r.zeta.shape, r.zeta.dtype),
+               jax.ShapeDtypeStruct((), r.X.dtype)) if sr.host_kernel_used(solver) else None)
     stages = [sr.rows.lower(*first),
-              sr.solve_rows.lower(X, e, zeta, solved, n_total, args[5], solver, 1e-6, 10, zero,
-                                  args[12])]
+              sr.solve_rows.lower(r, solved, n_total, args[5], solver, 1e-6, 10, zero, args[12])]
     mems = [stage.compile().memory_analysis() for stage in stages]
     compile_s = time.perf_counter() - t0
     xla_peak = max((m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes

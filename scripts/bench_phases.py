@@ -46,7 +46,8 @@ def main() -> None:
     phases = {
         "SR direction": lambda: sr.direction(system.logpsi, params, s, eloc, n, jnp.asarray(1e-3),
                                              jnp.asarray(10.0), str(c.optimizer.solver), rows,
-                                             1e-6, 10, zero, jnp.asarray(0.9)),
+                                             1e-6, 10, zero, jnp.asarray(0.9),
+                                             str(c.optimizer.gram_dtype)),
         "Jacobian": lambda: jac(params, s),
         "local energies": lambda: local_energies(system.hamiltonian, system.logpsi, params, s, lp,
                                                  chunk),

@@ -5,32 +5,23 @@ then where the remaining error sits: the sign structure or the amplitudes.
 The exact sums are not timed and do not touch the run (its random streams and updates are those of
 an ordinary run). Used for the tables in README, "Accuracy per wall-clock budget".
 
---gram-float32 replaces `pipeline.sr.host_gram` in this process by a float32 BLAS syrk (the
-kernel X X^T accumulated in single precision, the solve still in float64): the experiment behind
-`scripts/bench_gram`.
+`optimizer.gram_dtype=float64|float32` (the kernel X X^T accumulated in double or single
+precision, the solve in float64 either way) is the experiment behind `scripts/bench_gram`.
 
 usage: python scripts/track_exact.py [--kind factored] [--seed 0] [--steps 300] [--every 50]
-                                     [--gram-float32] [key=value ...]
+                                     [key=value ...]
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-import jax
 import numpy as np
-import scipy.linalg.blas
 
 from bench_accuracy import configure
-from pipeline import exact, sr
+from pipeline import exact
 from pipeline.driver import Driver
 from pipeline.system import System
-
-
-def gram_float32(X: jax.Array, n_total: int) -> np.ndarray:
-    """`pipeline.sr.host_gram` accumulated in float32 (BLAS ssyrk), returned in float64."""
-    X32 = np.asarray(X, np.float32)
-    return scipy.linalg.blas.ssyrk(1.0 / n_total, X32.T, trans=1).astype(np.float64)
 
 
 def energy(h, psi: np.ndarray, n_sites: int) -> float:
@@ -43,12 +34,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--gram-float32", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg = configure(4, args.kind, args.seed, [*args.overrides, f"run.n_iter={args.steps}"])
-    if args.gram_float32:
-        sr.host_gram = gram_float32
     system = System.build(cfg)
     N = system.n_sites
     h, basis = exact.sparse_hamiltonian(system.hamiltonian)

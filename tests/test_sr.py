@@ -48,8 +48,8 @@ def test_solvers_agree(n: int, P: int, momentum: float, kappa: float) -> None:
     zeta = sr._kernel_rhs(e, (X @ previous).reshape(2, n), n, momentum)
     for name, solved in (("kernel", None), ("kernel, host solve",
                                             sr.host_kernel_solve(X, zeta, n, 1e-3, False))):
-        x, info = sr.solve_rows(X, e, zeta, solved, n, shift, "kernel", 1e-12, 2000, previous,
-                                jnp.asarray(momentum))
+        x, info = sr.solve_rows(sr.Rows(X, e, zeta, None), solved, n, shift, "kernel", 1e-12,
+                                2000, previous, jnp.asarray(momentum))
         sols[name], metric[name] = np.asarray(x), float(info.metric_norm)
         assert float(info.residual) < 1e-10, (name, float(info.residual))
     # Reference: S and F written out from the formulas of science.md; with momentum, SPRING in
