@@ -121,7 +121,7 @@ def rows_per_chunk(n: int, chunk: int) -> int:
 
 
 def sr_bytes(P: int, n_total: int, K: int, path: str, chunk: int,
-             platform: str = "cpu") -> dict[str, float]:
+             platform: str = "cpu", gram_dtype: str = "float64") -> dict[str, float]:
     """Bytes per rank (float64) that the SR solve holds at its peak, by term.
     Kernel forms: X: 'kernel' holds its column block of all rows, 2 N_tot ceil(P/K) (one rank:
     all of X, built and centred in place); 'kernel_gather' holds its own rows and all gathered
@@ -129,8 +129,10 @@ def sr_bytes(P: int, n_total: int, K: int, path: str, chunk: int,
     GRAM_BLOCKS_MAX_BYTES, the symmetric Gram build copies it once more (on CPU BLAS reads it in
     place); chunk: the Jacobian rows of one chunk with their
     activations and re-sharded copy, 4 chunk P; kernel: T, T + lambda I and its Cholesky factor,
-    3 (2 N_tot)^2. 'dense': S, its shifted copy and factor, 3 P^2, plus the local rows of X;
-    'cg': the local rows of X and their products."""
+    3 (2 N_tot)^2. With gram_dtype float32 the Gram reads a float32 copy of what it multiplies
+    (half its float64 size; off CPU the block copies are of that copy). 'dense': S, its shifted
+    copy and factor, 3 P^2, plus the local rows of X; 'cg': the local rows of X and their
+    products."""
     m, local = 2 * n_total, 2 * n_total // K
     if path == "dense":
         return {"X": 8.0 * local * P, "S": 8.0 * 3 * P * P}
@@ -142,6 +144,9 @@ def sr_bytes(P: int, n_total: int, K: int, path: str, chunk: int,
         x = gram = m * -(-P // K)
     else:
         x, gram = m * P * (1 + 1 / K), m * P / K  # the gather path builds row blocks, no Gram
+    if gram_dtype == "float32":  # the float32 copy of this rank's X (gather: of its own rows,
+        gram /= 2  # which are gathered in float32 instead of float64)
+        x += gram - (m * P / 2 if K > 1 and path != "kernel" else 0)
     blocks = platform != "cpu" and 8 * gram <= GRAM_BLOCKS_MAX_BYTES
     x += gram if blocks and (K == 1 or path == "kernel") else 0
     return {"X": 8.0 * x, "chunk": 8.0 * 4 * chunk * P, "kernel": 8.0 * 3 * m * m}
@@ -156,7 +161,7 @@ def per_rank(c: Config, K: int, platform: str = "cpu") -> dict[str, float]:
     # chunk 0: X is built in one piece; a chunk beyond this rank's samples is one piece too
     jac = jacobian_chunk(c, platform)
     rows = min(jac or N // K, N // K)
-    terms = sr_bytes(P, N, K, solver, rows if jac else 0, platform)
+    terms = sr_bytes(P, N, K, solver, rows if jac else 0, platform, str(c.optimizer.gram_dtype))
     terms["jacobian_activations"] = rows * per_config_bytes(c, backward=True)
     # every layer's position-only heads x n x n weights (factored alpha_ij, standard attention's
     # relative bias), gathered once per pass whatever the chunk

@@ -103,6 +103,49 @@ def test_trust_region_shortens_the_step_and_keeps_its_direction() -> None:
     assert loose_info["lr"] == info["lr"] and loose_info["step_length"] == info["step_length"]
 
 
+@pytest.mark.parametrize("host", [False, True])
+def test_float32_gram_gives_the_float64_direction_to_single_precision(host: bool) -> None:
+    """optimizer.gram_dtype=float32: X X^T accumulated in float32 from a float32 copy of X
+    (inside jit as off CPU, or by BLAS ssyrk on the host), the system solved in float64. The
+    direction equals the float64 one to float32 round-off, and not to float64 round-off (the
+    accumulation really is in float32)."""
+    n, P = 32, 100
+    O, E = _random_problem(n, P)
+    previous = jnp.asarray(np.random.default_rng(1).normal(size=P))
+    X, e = sr.centred_rows(O, E, n, 3.0)
+    zeta = sr._kernel_rhs(e, (X @ previous).reshape(2, n), n, 0.9)
+    shift = jnp.asarray(1e-3)
+    sols = {}
+    for dtype, gram in (("float64", None), ("float32", X.astype(jnp.float32))):
+        r = sr.Rows(X, e, zeta, gram)
+        solved = sr.host_kernel_solve(r.gram, zeta, n, 1e-3, False) if host else None
+        x, info = sr.solve_rows(r, solved, n, shift, "kernel", 1e-12, 2000, previous,
+                                jnp.asarray(0.9))
+        assert float(info.residual) < 1e-10  # the float64 solve of the (float32-built) system
+        sols[dtype] = np.asarray(x)
+    error = np.linalg.norm(sols["float32"] - sols["float64"]) / np.linalg.norm(sols["float64"])
+    assert 1e-12 < error < 1e-5, error
+
+
+def test_float32_gram_copy_is_written_by_the_first_stage() -> None:
+    """`sr.rows` with gram_dtype=float32 returns the float64 X unchanged and its float32 copy
+    (for the kernel solvers only); float64 returns no copy."""
+    system = system_for(**{"model.d": 8})
+    params = randomized(system.init_params(0), jax.random.PRNGKey(1), 0.1)
+    rng = np.random.default_rng(0)
+    s = jnp.asarray(np.array([rng.permutation([1, -1] * 8) for _ in range(16)], np.int8))
+    eloc = jnp.asarray(rng.normal(size=16) + 1j * rng.normal(size=16))
+    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+    out = {(solver, dtype): sr.rows(system.logpsi, params, s, eloc, 16, jnp.asarray(1.0), solver,
+                                    4, zero, jnp.asarray(0.9), dtype)
+           for solver in ("kernel", "dense") for dtype in ("float64", "float32")}
+    r64, r32 = out["kernel", "float64"], out["kernel", "float32"]
+    assert r64.X_gram is None and r32.X_gram.dtype == jnp.float32
+    np.testing.assert_array_equal(r32.X, r64.X)
+    np.testing.assert_array_equal(r32.X_gram, r64.X.astype(jnp.float32))
+    assert out["dense", "float32"].X_gram is None
+
+
 @pytest.mark.parametrize("rows,blocks", [(74, 4), (74, 3), (9, 1), (5, 4)])
 def test_symmetric_gram_equals_full_product(rows: int, blocks: int) -> None:
     X = jnp.asarray(np.random.default_rng(rows).normal(size=(rows, 23)))

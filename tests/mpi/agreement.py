@@ -1,7 +1,7 @@
 """Run a few SR steps of a small system on however many ranks this was launched with and save
 energies and parameters (rank 0) for comparison across rank counts.
 
-usage: [mpirun -n K] python agreement.py OUT.npz SOLVER N_STEPS
+usage: [mpirun -n K] python agreement.py OUT.npz SOLVER N_STEPS [GRAM_DTYPE]
 """
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ from pipeline.system import System
 MAX_STEP = 0.05  # binds on some of the steps (test_mpi checks that it does)
 
 
-def main(out: str, solver: str, n_steps: int) -> None:
+def main(out: str, solver: str, n_steps: int, gram_dtype: str = "float64") -> None:
     c = Config()
     c.model.d, c.model.heads = 8, 2
     c.sampler.n_samples, c.sampler.n_chains, c.sampler.n_thermalize = 192, 96, 4  # 96: 1, 2, 3 ranks
     c.sampler.n_samples_final = 192
     c.optimizer.solver, c.optimizer.warmup = solver, 0
+    c.optimizer.gram_dtype = gram_dtype  # float32: the kernel's partial Grams round differently
     c.model.chunk_size = 32  # the Jacobian (and the re-sharding of X) in chunks
     c.optimizer.momentum = 0.9  # the SPRING terms are distributed too (rows of X phi_prev)
     c.optimizer.phase_scale, c.optimizer.phase_scale_final = 10.0, 2.0  # and the phase scale
@@ -48,4 +49,4 @@ def main(out: str, solver: str, n_steps: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:])
