@@ -15,7 +15,7 @@ a separate .venv-bench with it, so the runtime environment never carries it).
 
 usage: python scripts/bench_vs_netket.py [--size 4] [--d 16] [--heads 2] [--layers 1]
            [--samples 1024] [--chains 1024] [--steps 10] [--warmup 3] [--chunk 0]
-           [--netket-chunk 0] [--rounds 1]
+           [--netket-chunk 0] [--rounds 1] [--gram float64[,float32]]
 --chunk: configurations per forward pass of ours (0: chosen automatically), and chunk // 32
 samples per chunk for NetKet (about as many connected configurations; 0: the whole batch).
 --netket-chunk S: S samples per chunk for NetKet whatever --chunk (e.g. ours automatic, NetKet
@@ -23,6 +23,8 @@ bounded so that its whole-batch evaluation fits in memory on 6x6).
 --rounds R: time the two sides alternately R times (each in a fresh process) and print the median
 of the R time ratios with all of them: the machine's speed drifts between minutes, and only
 ratios taken close together compare.
+--gram: our kernel's X X^T accumulated in float64 (the default) and/or float32
+(optimizer.gram_dtype); with both, each round times ours in each dtype, then NetKet (float64).
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def config(args):
         "sampler.n_thermalize=0", "optimizer.solver=kernel", f"optimizer.lr={LR}",
         f"optimizer.lr_final={LR}", "optimizer.warmup=0", f"optimizer.diag_shift={SHIFT}",
         f"optimizer.diag_shift_final={SHIFT}", f"optimizer.momentum={MOMENTUM}",
-        f"run.n_iter={args.warmup + args.steps}"]))
+        f"optimizer.gram_dtype={args.gram.split(',')[0]}", f"run.n_iter={args.warmup + args.steps}"]))
 
 
 def netket_state(args, system):
@@ -146,14 +148,15 @@ def main() -> None:
         ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--netket-chunk", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--gram", default="float64")
     ap.add_argument("--side", choices=["ours", "netket", "check"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
         return side(args)
 
-    def run(which: str) -> dict:
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", which],
-                             capture_output=True, text=True)
+    def run(which: str, gram: str = "float64") -> dict:
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", which,
+                              "--gram", gram], capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"the {which} side failed:\n{out.stderr[-3000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -167,17 +170,21 @@ def main() -> None:
           "S.S units)")
     if bad:
         sys.exit(f"the two sides differ beyond {TOLERANCES}: {bad}; not timing")
-    rounds = [(run("ours"), run("netket")) for _ in range(args.rounds)]
-    print(f"{'':8} {'s/step (median)':>16} {'min':>7} {'max':>7} {'peak RSS GB':>12}   (per round)")
-    for i, name in enumerate(("ours", "netket")):
-        for r in (pair[i] for pair in rounds):
+    grams = args.gram.split(",")
+    names = [f"ours {g}" for g in grams] + ["netket"]
+    rounds = [[run("ours", g) for g in grams] + [run("netket")] for _ in range(args.rounds)]
+    print(f"{'':13} {'s/step (median)':>16} {'min':>7} {'max':>7} {'peak RSS GB':>12}   (per round)")
+    for i, name in enumerate(names):
+        for r in (each[i] for each in rounds):
             t = r["result"]
-            print(f"{name:8} {statistics.median(t):16.3f} {min(t):7.3f} {max(t):7.3f} "
+            print(f"{name:13} {statistics.median(t):16.3f} {min(t):7.3f} {max(t):7.3f} "
                   f"{r['peak_rss'] / 1e9:12.2f}")
-    times = [statistics.median(o["result"]) / statistics.median(n["result"]) for o, n in rounds]
-    memory = [o["peak_rss"] / n["peak_rss"] for o, n in rounds]
-    print(f"ratio ours/netket: time {statistics.median(times):.2f} (rounds: "
-          f"{', '.join(f'{t:.2f}' for t in times)}), memory {statistics.median(memory):.2f}")
+    for i, name in enumerate(names[:-1]):
+        times = [statistics.median(each[i]["result"]) / statistics.median(each[-1]["result"])
+                 for each in rounds]
+        memory = [each[i]["peak_rss"] / each[-1]["peak_rss"] for each in rounds]
+        print(f"ratio {name}/netket: time {statistics.median(times):.2f} (rounds: "
+              f"{', '.join(f'{t:.2f}' for t in times)}), memory {statistics.median(memory):.2f}")
 
 if __name__ == "__main__":
     main()
