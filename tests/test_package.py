@@ -123,12 +123,13 @@ def test_every_script_imports_against_the_current_package() -> None:
 
 
 def test_track_exact_runs_and_its_exact_energies_are_variational() -> None:
-    """`scripts/track_exact` (here with the float32 kernel of `scripts/bench_gram`) trains a small
-    4x4 model for 4 steps and prints exact energies above the exact ground-state energy."""
+    """`scripts/track_exact` (here with optimizer.gram_dtype=float32, as `scripts/bench_gram`
+    runs it) trains a small 4x4 model for 4 steps and prints exact energies above the exact
+    ground-state energy."""
     out = subprocess.run([PYTHON, "scripts/track_exact.py", "--steps", "4", "--every", "2",
-                          "--gram-float32", "model.d=8", "model.heads=2", "sampler.n_samples=128",
-                          "sampler.n_chains=128"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+                          "optimizer.gram_dtype=float32", "model.d=8", "model.heads=2",
+                          "sampler.n_samples=128", "sampler.n_chains=128"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     exact = [float(line.split("exact E/N")[1].split()[0]) for line in out.stdout.splitlines()
              if "exact E/N" in line and line.startswith("step")]
