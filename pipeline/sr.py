@@ -28,8 +28,7 @@ Solvers (all give the same direction up to round-off or the CG tolerance):
   kernel  minSR, (X X^T / N_tot + lambda I) y = e - mu X phi, direction = X^T y / N_tot + mu phi.
           On CPU X X^T is built by BLAS syrk between two jitted stages, elsewhere from its
           upper block triangle inside jit; in float64, or with optimizer.gram_dtype=float32 from
-          a float32 copy of the centred X (written in the centring pass) with float32
-          accumulation, then solved in float64. On K ranks X is never
+          a float32 copy of the centred X with float32 accumulation, then solved in float64. On K ranks X is never
           gathered: an all-to-all re-shards it so that each rank holds all 2 N_tot rows of its
           block of P/K columns, X^(r); each rank forms X^(r) X^(r)^T, the sum over ranks (an
           all-reduce) is the kernel, every rank solves the small system, computes its block of the
@@ -136,30 +135,23 @@ def _rows(eloc: jax.Array, n_total: int, phase_scale: jax.Array | float) -> jax.
     return jnp.concatenate([dE.real, phase_scale * dE.imag])
 
 
-def _subtract_in_place(buf: jax.Array, mean: jax.Array, axis: int, chunk: int,
-                       low: Any = None) -> tuple[jax.Array, jax.Array | None]:
+def _subtract_in_place(buf: jax.Array, mean: jax.Array, axis: int, chunk: int) -> jax.Array:
     """buf - mean, `chunk` rows along `axis` at a time inside a loop: XLA then updates the
-    buffer in place instead of allocating a second one of the size of X. With a dtype `low`
-    (float32 for the Gram matrix), also the result in that dtype (else None)."""
+    buffer in place instead of allocating a second one of the size of X."""
     c = rows_per_chunk(buf.shape[axis], chunk)
 
     def body(i, b):
         block = jax.lax.dynamic_slice_in_dim(b, i * c, c, axis)
         return jax.lax.dynamic_update_slice_in_dim(b, block - mean, i * c, axis)
 
-    out = jax.lax.fori_loop(0, buf.shape[axis] // c, body, buf)
-    return out, (out.astype(low) if low is not None else None)
+    return jax.lax.fori_loop(0, buf.shape[axis] // c, body, buf)
 
 
-def centred_jacobian(J: jax.Array, total: jax.Array, n_total: int, chunk: int = 0,
-                     low: Any = None) -> tuple[jax.Array, jax.Array | None]:
+def centred_jacobian(J: jax.Array, total: jax.Array, n_total: int, chunk: int = 0) -> jax.Array:
     """X (2n x P) from the Jacobian (2, n, P) and its sum over this rank's samples: centred over
-    all ranks' samples, in place, and reshaped for free (no second copy of X); with a dtype
-    `low`, also X in that dtype (see `_subtract_in_place`), else None."""
+    all ranks' samples, in place, and reshaped for free (no second copy of X)."""
     mean = dist.allreduce_sum(total) / n_total
-    X, X_low = _subtract_in_place(J, mean, 1, chunk, low)
-    flat = (lambda a: a.reshape(-1, J.shape[-1]))
-    return flat(X), (flat(X_low) if X_low is not None else None)
+    return _subtract_in_place(J, mean, 1, chunk).reshape(-1, J.shape[-1])
 
 
 def centred_rows(O: jax.Array, eloc: jax.Array, n_total: int,
@@ -167,8 +159,7 @@ def centred_rows(O: jax.Array, eloc: jax.Array, n_total: int,
     """X and e from complex log-derivatives O (n, P) (kappa: the phase time step relative to the
     amplitude one; 1 for plain SR)."""
     J = jnp.stack([O.real, O.imag])
-    return (centred_jacobian(J, J.sum(1, keepdims=True), n_total)[0],
-            _rows(eloc, n_total, phase_scale))
+    return centred_jacobian(J, J.sum(1, keepdims=True), n_total), _rows(eloc, n_total, phase_scale)
 
 
 def _eigen_solve(w, V, b, xp):
@@ -302,12 +293,10 @@ def _relative(r2: jax.Array, b2: jax.Array) -> jax.Array:
 
 
 def columns_by_rank(logpsi: Callable, params, s: jax.Array, n_total: int, chunk: int,
-                    phi: jax.Array, low: Any = None
-                    ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+                    phi: jax.Array) -> tuple[jax.Array, jax.Array]:
     """This rank's block of columns of the centred X, with the rows of *all* ranks' samples:
     (K * 2 * n_local, ceil(P / K)), rows ordered (rank, Re/Im, sample), columns zero-padded at
-    the end; the same block in dtype `low` (None: none); and the uncentred product of this
-    rank's own rows with phi (2, n_local).
+    the end; and the uncentred product of this rank's own rows with phi (2, n_local).
 
     The Jacobian is built `chunk` samples at a time and each chunk's rows are sent to the ranks
     that own their columns at once (an all-to-all per chunk), so this rank never holds all P
@@ -332,9 +321,7 @@ def columns_by_rank(logpsi: Callable, params, s: jax.Array, n_total: int, chunk:
         0, n // c, body, (jnp.zeros((K, 2, n, Pb), flat.dtype),
                           jnp.zeros((1, 2, 1, Pb), flat.dtype), jnp.zeros((2, n), flat.dtype)))
     # Re and Im rows centred apart, over all ranks' samples (every rank has all of its columns).
-    X, X_low = _subtract_in_place(buf, total / n_total, 2, c, low)
-    flat = (lambda a: a.reshape(K * 2 * n, Pb))
-    return flat(X), (flat(X_low) if X_low is not None else None), prod
+    return _subtract_in_place(buf, total / n_total, 2, c).reshape(K * 2 * n, Pb), prod
 
 
 def _kernel_rhs(e: jax.Array, Xphi: jax.Array, n_total: int,
@@ -414,10 +401,10 @@ class Rows(NamedTuple):
         return self.X if self.X_gram is None else self.X_gram
 
 
-def _gram_low(gram_dtype: str, solver: str) -> Any:
-    """The dtype of the Gram's copy of X: float32 where asked for and a kernel is built, else
-    None (the Gram reads the float64 X itself)."""
-    return jnp.float32 if gram_dtype == "float32" and _is_kernel(solver) else None
+def _gram_float32(gram_dtype: str, solver: str) -> bool:
+    """Whether the Gram reads a float32 copy of X: asked for, and a kernel is built (else the
+    Gram reads the float64 X itself)."""
+    return gram_dtype == "float32" and _is_kernel(solver)
 
 
 @partial(jax.jit, static_argnames=("logpsi", "n_total", "solver", "chunk", "gram_dtype"))
@@ -427,16 +414,17 @@ def rows(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: int,
     """The first stage of `direction`: X (this rank's rows; for the kernel solver on K ranks its
     column block of all ranks' rows, `columns_by_rank`), e, and for the kernel solvers the
     right-hand side zeta (X phi accumulated while the Jacobian is built) and, in float32, the
-    Gram's copy of X (written in the centring pass)."""
+    Gram's copy of the centred X (one conversion after the centring loop: written inside the
+    loop as a second carry, XLA copied it every iteration)."""
     e = _rows(eloc, n_total, phase_scale)
     phi = ravel_pytree(previous)[0] if _is_kernel(solver) else None
-    low = _gram_low(gram_dtype, solver)
     if solver == "kernel" and dist.size() > 1:
-        X, X_low, Xphi = columns_by_rank(logpsi, params, s, n_total, chunk, phi, low)
+        X, Xphi = columns_by_rank(logpsi, params, s, n_total, chunk, phi)
     else:
         J, total, Xphi = _jacobian_and_sum(logpsi, params, s, chunk, phi)
-        X, X_low = centred_jacobian(J, total, n_total, chunk, low)
-    return Rows(X, e, _kernel_rhs(e, Xphi, n_total, momentum) if phi is not None else None, X_low)
+        X = centred_jacobian(J, total, n_total, chunk)
+    zeta = _kernel_rhs(e, Xphi, n_total, momentum) if phi is not None else None
+    return Rows(X, e, zeta, X.astype(jnp.float32) if _gram_float32(gram_dtype, solver) else None)
 
 
 @partial(jax.jit, static_argnames=("n_total", "solver", "cg_maxiter"))
@@ -467,8 +455,8 @@ def direction(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: 
     """The SR direction as a parameter pytree (`previous`: the last one, for momentum), with
     solve diagnostics. Two jitted stages (`rows`, `solve_rows`); X stays in one buffer between
     them, and on CPU the kernel system is solved there by BLAS and LAPACK (`host_kernel_solve`).
-    The kernel solvers pass over X three times after building it: centring (which also writes
-    the float32 copy for gram_dtype=float32), X X^T, X^T y."""
+    The kernel solvers pass over X three times after building it: centring, X X^T, X^T y (with
+    gram_dtype=float32 a fourth makes the float32 copy that X X^T reads)."""
     r = rows(logpsi, params, s, eloc, n_total, phase_scale, solver, chunk, previous, momentum,
              gram_dtype)
     solved = (host_kernel_solve(r.gram, r.zeta, n_total, float(diag_shift), dist.size() > 1)

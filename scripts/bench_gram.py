@@ -8,7 +8,8 @@ centred, scaled Jacobian rows), on the 4x4 accuracy-benchmark model.
    lambda = optimizer.diag_shift_final (the smallest shift of a run).
 2. The effect on training: `scripts/track_exact` run twice in separate processes (--steps steps,
    same seed), with optimizer.gram_dtype=float64 and =float32; both exact-energy trajectories
-   are printed. float32 is the default only if they agree to the Monte Carlo error bar.
+   are printed (float64 stays the default: with float32, 1 and K ranks agree only to float32
+   round-off; see README, "Float32 kernel against float64").
 
 usage: python scripts/bench_gram.py [--kind factored] [--repeat 5] [--steps 150] [--every 25]
                                     [key=value ...]
