@@ -121,13 +121,14 @@ def rows_per_chunk(n: int, chunk: int) -> int:
 
 
 def sr_bytes(P: int, n_total: int, K: int, path: str, chunk: int,
-             platform: str = "cpu", gram_dtype: str = "float64") -> dict[str, float]:
+             platform: str = "cpu", gram_dtype: str = "float64",
+             gram_build: str = "blas") -> dict[str, float]:
     """Bytes per rank (float64) that the SR solve holds at its peak, by term.
     Kernel forms: X: 'kernel' holds its column block of all rows, 2 N_tot ceil(P/K) (one rank:
     all of X, built and centred in place); 'kernel_gather' holds its own rows and all gathered
-    rows, 2 N_tot P (1 + 1/K) on K > 1 ranks; off CPU, where that block is at most
-    GRAM_BLOCKS_MAX_BYTES, the symmetric Gram build copies it once more (on CPU BLAS reads it in
-    place); chunk: the Jacobian rows of one chunk with their
+    rows, 2 N_tot P (1 + 1/K) on K > 1 ranks; where XLA builds the Gram (off CPU, or
+    gram_build xla) and that block is at most GRAM_BLOCKS_MAX_BYTES, the symmetric Gram build
+    copies it once more (BLAS reads it in place); chunk: the Jacobian rows of one chunk with their
     activations and re-sharded copy, 4 chunk P; kernel: T, T + lambda I and its Cholesky factor,
     3 (2 N_tot)^2. With gram_dtype float32 the Gram reads a float32 copy of what it multiplies
     (half its float64 size; off CPU the block copies are of that copy). 'dense': S, its shifted
@@ -147,7 +148,7 @@ def sr_bytes(P: int, n_total: int, K: int, path: str, chunk: int,
     if gram_dtype == "float32":  # the float32 copy of this rank's X (gather: of its own rows,
         gram /= 2  # which are gathered in float32 instead of float64)
         x += gram - (m * P / 2 if K > 1 and path != "kernel" else 0)
-    blocks = platform != "cpu" and 8 * gram <= GRAM_BLOCKS_MAX_BYTES
+    blocks = (platform != "cpu" or gram_build == "xla") and 8 * gram <= GRAM_BLOCKS_MAX_BYTES
     x += gram if blocks and (K == 1 or path == "kernel") else 0
     return {"X": 8.0 * x, "chunk": 8.0 * 4 * chunk * P, "kernel": 8.0 * 3 * m * m}
 
@@ -161,7 +162,9 @@ def per_rank(c: Config, K: int, platform: str = "cpu") -> dict[str, float]:
     # chunk 0: X is built in one piece; a chunk beyond this rank's samples is one piece too
     jac = jacobian_chunk(c, platform)
     rows = min(jac or N // K, N // K)
-    terms = sr_bytes(P, N, K, solver, rows if jac else 0, platform, str(c.optimizer.gram_dtype))
+    o = c.optimizer
+    terms = sr_bytes(P, N, K, solver, rows if jac else 0, platform, str(o.gram_dtype),
+                     str(o.gram_build))
     terms["jacobian_activations"] = rows * per_config_bytes(c, backward=True)
     # every layer's position-only heads x n x n weights (factored alpha_ij, standard attention's
     # relative bias), gathered once per pass whatever the chunk

@@ -60,6 +60,14 @@ class GramDtype(StrEnum):
     float32 = "float32"
 
 
+class GramBuild(StrEnum):
+    """Where the kernel solvers' X X^T is built: inside jit (XLA, the upper block triangle) or,
+    on CPU, on the host by BLAS syrk."""
+
+    xla = "xla"
+    blas = "blas"
+
+
 class LauncherKind(StrEnum):
     local = "local"
     slurm = "slurm"
@@ -120,6 +128,7 @@ class OptimizerConfig:
     phase_scale_final: float = 1.0  # decays geometrically to this value, like diag_shift
     max_step: float = 0.0  # trust region: longest update, lr sqrt(d^T S d) (0: no limit)
     gram_dtype: GramDtype = GramDtype.float64  # kernel solvers: X X^T accumulated in this dtype
+    gram_build: GramBuild = GramBuild.blas  # kernel solvers on CPU: X X^T by host BLAS or XLA
     cg_tol: float = 1e-6
     cg_maxiter: int = 200
 
@@ -304,8 +313,9 @@ def to_yaml(c: Config) -> str:
 
 # ---- resume: which differences from the checkpoint's config are allowed --------------------------
 # Keys that may differ from the checkpoint's config on resume without run.allow_changed: they
-# change neither the model nor the trajectory.
-ALWAYS_CHANGEABLE = ("analysis.", "checkpoint.", "launcher.", "model.chunk_size", "sampler.n_samples_final",
+# change neither the model nor the trajectory (chunk sizes and where X X^T is built: round-off).
+ALWAYS_CHANGEABLE = ("analysis.", "checkpoint.", "launcher.", "model.chunk_size",
+                     "optimizer.gram_build", "sampler.n_samples_final",
                      "run.allow_changed", "run.max_rollbacks", "run.steps_per_job",
                      "run.init_from")
 

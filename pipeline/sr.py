@@ -26,9 +26,11 @@ Solvers (all give the same direction up to round-off or the CG tolerance):
           definite); P^2 memory and communication.
   cg      matrix-free conjugate gradient, one all-reduce of a P-vector per iteration.
   kernel  minSR, (X X^T / N_tot + lambda I) y = e - mu X phi, direction = X^T y / N_tot + mu phi.
-          On CPU X X^T is built by BLAS syrk between two jitted stages, elsewhere from its
-          upper block triangle inside jit; in float64, or with optimizer.gram_dtype=float32 from
-          a float32 copy of the centred X with float32 accumulation, then solved in float64. On K ranks X is never
+          X X^T is built from its upper block triangle inside the first jitted stage
+          (optimizer.gram_build=xla), or on CPU by BLAS syrk between the two stages (=blas);
+          in float64, or with optimizer.gram_dtype=float32 from a float32 copy of the centred
+          X with float32 accumulation. On CPU the system is solved between the stages by
+          LAPACK, elsewhere inside the second stage, in float64 either way. On K ranks X is never
           gathered: an all-to-all re-shards it so that each rank holds all 2 N_tot rows of its
           block of P/K columns, X^(r); each rank forms X^(r) X^(r)^T, the sum over ranks (an
           all-reduce) is the kernel, every rank solves the small system, computes its block of the
@@ -54,7 +56,7 @@ from . import dist
 from .budget import GRAM_BLOCKS_MAX_BYTES, choose_solver, rows_per_chunk
 from .config import OptimizerConfig
 
-GRAM_BLOCKS = 4  # row blocks of X for the kernel X X^T: 10 of 16 block products are computed
+GRAM_BLOCKS = 8  # row blocks of X for the kernel X X^T: 36 of 64 block products are computed
 
 
 class SRInfo(NamedTuple):
@@ -212,18 +214,23 @@ def host_gram(X: jax.Array, n_total: int) -> np.ndarray:
     return np.asarray(syrk(1.0 / n_total, A.T, trans=1), np.float64)
 
 
-def host_kernel_solve(X: jax.Array, zeta: jax.Array, n_total: int, diag_shift: float,
-                      summed: bool) -> tuple[jax.Array, jax.Array]:
-    """y = (X X^T / N_tot + lambda I)^{-1} zeta and the relative residual of that system, on the
-    host by BLAS and LAPACK for a concrete X on CPU (between the two jitted stages of
-    `direction`): `host_gram` builds one triangle of X X^T, `summed`: over ranks (the
-    distributed kernel's column blocks), then a Cholesky factorization, or, if T is not
-    numerically positive definite, the clipped eigen-solve of `_spd_solve`. On the 2-core
-    machine this takes 0.18 + 0.08 s for 2048 x 3368 where XLA took 0.32 + 0.15 s (the block
-    build and its Cholesky); as a callback inside jit, syrk was slower than the blocks (an XLA
-    worker thread spinning beside it). X is the Gram's copy of X (float32 with
-    optimizer.gram_dtype=float32); the system is solved in float64 either way."""
-    A = dist.host_allreduce_sum(host_gram(X, n_total))
+def host_kernel_matrix(r: "Rows", n_total: int) -> np.ndarray:
+    """The kernel X X^T / N_tot over all ranks, as a writable host array of which the upper
+    triangle is read: the first stage's T, or (optimizer.gram_build=blas) built here by
+    `host_gram` from this rank's Gram rows and summed over ranks (the distributed kernel's
+    column blocks; at one rank the sum is the identity)."""
+    if r.T is not None:  # symmetric: its transpose is the column-major copy, without a transposition
+        return np.array(r.T).T
+    return dist.host_allreduce_sum(host_gram(r.gram, n_total))
+
+
+def host_kernel_solve(A: np.ndarray, zeta: jax.Array, diag_shift: float
+                      ) -> tuple[jax.Array, jax.Array]:
+    """y = (A + lambda I)^{-1} zeta and the relative residual of that system for the kernel A
+    (`host_kernel_matrix`, overwritten by A + lambda I), on the host by LAPACK on CPU (between
+    the two jitted stages of `direction`): a Cholesky factorization, or, if the system is not
+    numerically positive definite, the clipped eigen-solve of `_spd_solve`. For 2048 x 2048 on
+    the 2-core machine 0.08 s where XLA's Cholesky took 0.15 s."""
     A[np.diag_indices_from(A)] += diag_shift
     b = np.asarray(zeta)
     factor, info = scipy.linalg.lapack.dpotrf(A, lower=0, clean=0, overwrite_a=0)
@@ -372,12 +379,18 @@ def _block_of(v: jax.Array, Pb: int) -> jax.Array:
                                         dist.rank() * Pb, Pb)
 
 
-def host_kernel_used(solver: str) -> bool:
+def host_solve_used(solver: str) -> bool:
     """Whether `direction` solves the kernel system on the host (`host_kernel_solve`): on CPU,
-    for the kernel solvers whose X X^T is of this rank's own X (the kernel solver on any number
-    of ranks, kernel_gather on one)."""
-    return jax.default_backend() == "cpu" and (
-        solver == "kernel" or (solver == "kernel_gather" and dist.size() == 1))
+    for the kernel solvers."""
+    return jax.default_backend() == "cpu" and _is_kernel(solver)
+
+
+def host_gram_used(solver: str, gram_build: str) -> bool:
+    """Whether the host builds the kernel X X^T by BLAS (`host_kernel_matrix`): asked for
+    (optimizer.gram_build=blas), on CPU, where the Gram is of this rank's X (the kernel solver
+    on any number of ranks, kernel_gather on one; on K ranks it multiplies gathered rows)."""
+    return gram_build == "blas" and host_solve_used(solver) and (
+        solver == "kernel" or dist.size() == 1)
 
 
 def _is_kernel(solver: str) -> bool:
@@ -386,45 +399,50 @@ def _is_kernel(solver: str) -> bool:
 
 class Rows(NamedTuple):
     """The first stage's output: X (this rank's rows, or its column block of all ranks' rows),
-    e, the kernel right-hand side zeta (kernel solvers, else None), and the float32 copy of X
-    that the Gram matrix is built from (optimizer.gram_dtype=float32 with a kernel solver, else
-    None: the Gram reads X)."""
+    e, and for the kernel solvers the right-hand side zeta and either the kernel T = X X^T /
+    N_tot over all ranks' rows, built inside jit, or, where the host builds it by BLAS, the
+    float32 copy of X that it reads (optimizer.gram_dtype=float32; float64: X itself). Fields
+    that do not apply are None."""
 
     X: jax.Array
     e: jax.Array
     zeta: jax.Array | None
     X_gram: jax.Array | None
+    T: jax.Array | None
 
     @property
     def gram(self) -> jax.Array:
-        """The matrix whose X X^T is the kernel."""
+        """The matrix whose X X^T the host builds."""
         return self.X if self.X_gram is None else self.X_gram
 
 
-def _gram_float32(gram_dtype: str, solver: str) -> bool:
-    """Whether the Gram reads a float32 copy of X: asked for, and a kernel is built (else the
-    Gram reads the float64 X itself)."""
-    return gram_dtype == "float32" and _is_kernel(solver)
-
-
-@partial(jax.jit, static_argnames=("logpsi", "n_total", "solver", "chunk", "gram_dtype"))
+@partial(jax.jit, static_argnames=("logpsi", "n_total", "solver", "chunk", "gram_dtype",
+                                   "gram_build"))
 def rows(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: int,
          phase_scale: jax.Array, solver: str, chunk: int, previous,
-         momentum: jax.Array | float, gram_dtype: str = "float64") -> Rows:
+         momentum: jax.Array | float, gram_dtype: str = "float64",
+         gram_build: str = "blas") -> Rows:
     """The first stage of `direction`: X (this rank's rows; for the kernel solver on K ranks its
     column block of all ranks' rows, `columns_by_rank`), e, and for the kernel solvers the
-    right-hand side zeta (X phi accumulated while the Jacobian is built) and, in float32, the
-    Gram's copy of the centred X (one conversion after the centring loop: written inside the
-    loop as a second carry, XLA copied it every iteration)."""
+    right-hand side zeta (X phi accumulated while the Jacobian is built) and the kernel T, or
+    the float32 copy of the centred X that the host's BLAS reads (one conversion after the
+    centring loop: written inside the loop as a second carry, XLA copied it every iteration)."""
     e = _rows(eloc, n_total, phase_scale)
-    phi = ravel_pytree(previous)[0] if _is_kernel(solver) else None
-    if solver == "kernel" and dist.size() > 1:
+    if not _is_kernel(solver):
+        J, total, _ = _jacobian_and_sum(logpsi, params, s, chunk, None)
+        return Rows(centred_jacobian(J, total, n_total, chunk), e, None, None, None)
+    phi = ravel_pytree(previous)[0]
+    blocks = solver == "kernel" and dist.size() > 1
+    if blocks:
         X, Xphi = columns_by_rank(logpsi, params, s, n_total, chunk, phi)
     else:
         J, total, Xphi = _jacobian_and_sum(logpsi, params, s, chunk, phi)
         X = centred_jacobian(J, total, n_total, chunk)
-    zeta = _kernel_rhs(e, Xphi, n_total, momentum) if phi is not None else None
-    return Rows(X, e, zeta, X.astype(jnp.float32) if _gram_float32(gram_dtype, solver) else None)
+    zeta = _kernel_rhs(e, Xphi, n_total, momentum)
+    G = X.astype(jnp.float32) if gram_dtype == "float32" else X
+    if host_gram_used(solver, gram_build):
+        return Rows(X, e, zeta, G if G is not X else None, None)
+    return Rows(X, e, zeta, None, _kernel_matrix(G, n_total, blocks))
 
 
 @partial(jax.jit, static_argnames=("n_total", "solver", "cg_maxiter"))
@@ -434,15 +452,14 @@ def solve_rows(r: Rows, solved: tuple[jax.Array, jax.Array] | None, n_total: int
     """The second stage of `direction`: the direction as a parameter pytree (the structure of
     `previous`) and the solve diagnostics, from the first stage's rows, for the kernel solvers
     with the kernel system's solution and its residual if the host solved it (`solved`; None:
-    here)."""
+    here, from r.T)."""
     phi, unravel = ravel_pytree(previous)
     X = r.X
     if not _is_kernel(solver):
         x, info = solve(X, r.e, n_total, diag_shift, solver, cg_tol, cg_maxiter, phi, momentum)
         return unravel(x), info
     blocks = solver == "kernel" and dist.size() > 1
-    y, residual = solved or _kernel_system(_kernel_matrix(r.gram, n_total, blocks), r.zeta,
-                                           diag_shift)
+    y, residual = solved or _kernel_system(r.T, r.zeta, diag_shift)
     x = _kernel_update(X, y, n_total, phi, momentum, blocks)
     Xd = dist.allreduce_sum(X @ _block_of(x, X.shape[1])) if blocks else X @ x
     return unravel(x), SRInfo(jnp.zeros((), jnp.int32), residual, _metric_norm(Xd, n_total, blocks))
@@ -451,16 +468,18 @@ def solve_rows(r: Rows, solved: tuple[jax.Array, jax.Array] | None, n_total: int
 def direction(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: int,
               diag_shift: jax.Array, phase_scale: jax.Array, solver: str, chunk: int,
               cg_tol: float, cg_maxiter: int, previous, momentum: jax.Array | float,
-              gram_dtype: str = "float64"):
+              gram_dtype: str = "float64", gram_build: str = "blas"):
     """The SR direction as a parameter pytree (`previous`: the last one, for momentum), with
     solve diagnostics. Two jitted stages (`rows`, `solve_rows`); X stays in one buffer between
-    them, and on CPU the kernel system is solved there by BLAS and LAPACK (`host_kernel_solve`).
-    The kernel solvers pass over X three times after building it: centring, X X^T, X^T y (with
+    them, and on CPU the kernel system is solved there by LAPACK (`host_kernel_solve`). The
+    kernel solvers pass over X three times after building it: centring, X X^T, X^T y (with
     gram_dtype=float32 a fourth makes the float32 copy that X X^T reads)."""
     r = rows(logpsi, params, s, eloc, n_total, phase_scale, solver, chunk, previous, momentum,
-             gram_dtype)
-    solved = (host_kernel_solve(r.gram, r.zeta, n_total, float(diag_shift), dist.size() > 1)
-              if host_kernel_used(solver) else None)
+             gram_dtype, gram_build)
+    solved = None
+    if host_solve_used(solver):
+        solved = host_kernel_solve(host_kernel_matrix(r, n_total), r.zeta, float(diag_shift))
+        r = r._replace(X_gram=None, T=None)  # freed before the second stage
     return solve_rows(r, solved, n_total, diag_shift, solver, cg_tol, cg_maxiter, previous,
                       momentum)
 
@@ -513,7 +532,8 @@ class Preconditioner:
         shift, kappa = float(self.diag_shift(step)), float(self.phase_scale(step))
         d, info = direction(logpsi, params, s, eloc, self.n_total, jnp.asarray(shift),
                             jnp.asarray(kappa), self.solver, self.chunk, o.cg_tol, o.cg_maxiter,
-                            state.previous, jnp.asarray(o.momentum), str(o.gram_dtype))
+                            state.previous, jnp.asarray(o.momentum), str(o.gram_dtype),
+                            str(o.gram_build))
         lr = float(self.lr(step)) * lr_scale
         length = lr * math.sqrt(float(info.metric_norm))  # NaN on a blown-up step: no cap
         if o.max_step > 0 and length > o.max_step:  # trust region: shorten, keep the direction

@@ -88,8 +88,11 @@ def _one(size: str, n_total: int, path: str, chunk: int) -> None:
     # the two jitted stages of sr.direction; the peak is the larger one's (X lives in both)
     first = (*args[:5], args[6], solver, chunk, zero, args[12])
     r = jax.eval_shape(sr.rows, *first)
-    solved = ((jax.ShapeDtypeStruct(r.zeta.shape, r.zeta.dtype),
-               jax.ShapeDtypeStruct((), r.X.dtype)) if sr.host_kernel_used(solver) else None)
+    solved = None
+    if sr.host_solve_used(solver):  # as sr.direction: solved on the host, T freed before stage 2
+        solved = (jax.ShapeDtypeStruct(r.zeta.shape, r.zeta.dtype),
+                  jax.ShapeDtypeStruct((), r.X.dtype))
+        r = r._replace(X_gram=None, T=None)
     stages = [sr.rows.lower(*first),
               sr.solve_rows.lower(r, solved, n_total, args[5], solver, 1e-6, 10, zero, args[12])]
     mems = [stage.compile().memory_analysis() for stage in stages]

@@ -34,21 +34,22 @@ def test_collectives_equal_numpy_sums() -> None:
 FLOAT32_TOLERANCE = {"energies": 1e-5, "lengths": 1e-4, "params": 2e-4}
 
 
-@pytest.mark.parametrize("solver,ranks,gram", [
-    ("dense", (2,), "float64"), ("cg", (2,), "float64"), ("kernel", (2, 3), "float64"),
-    ("kernel_gather", (2,), "float64"), ("kernel", (2, 3), "float32"),
-    ("kernel_gather", (2,), "float32")])
+@pytest.mark.parametrize("solver,ranks,gram,build", [
+    ("dense", (2,), "float64", "blas"), ("cg", (2,), "float64", "blas"),
+    ("kernel", (2, 3), "float64", "blas"), ("kernel", (2, 3), "float64", "xla"),
+    ("kernel_gather", (2,), "float64", "blas"), ("kernel_gather", (2,), "float64", "xla"),
+    ("kernel", (2, 3), "float32", "blas"), ("kernel_gather", (2,), "float32", "blas")])
 def test_one_rank_and_k_ranks_agree(tmp_path, solver: str, ranks: tuple[int, ...],
-                                    gram: str) -> None:
+                                    gram: str, build: str) -> None:
     """Same samples, and energies and parameters after 5 SR steps (momentum and phase scale on)
     equal to round-off (float64: 1e-8; a float32 Gram: to its round-off, FLOAT32_TOLERANCE);
     `kernel` on K ranks is the form distributed by parameter blocks (3 ranks: uneven column
-    blocks)."""
+    blocks); the kernel X X^T built by host BLAS or inside jit (optimizer.gram_build)."""
     tol = FLOAT32_TOLERANCE if gram == "float32" else dict.fromkeys(FLOAT32_TOLERANCE, 1e-8)
     runs = {}
     for n in (1, *ranks):
         runs[n] = tmp_path / f"{n}.npz"
-        out = _run(n, "agreement.py", str(runs[n]), solver, "5", gram)
+        out = _run(n, "agreement.py", str(runs[n]), solver, "5", gram, build)
         assert out.returncode == 0, out.stderr
     a = np.load(runs[1])
     assert np.ptp(a["energies"]) > 1e-3  # the parameters did move

@@ -32,6 +32,27 @@ def _random_problem(n=64, P=40, seed=0):
     return jnp.asarray(O), jnp.asarray(E)
 
 
+def _kernel_directions(X, e, zeta, n: int, previous, momentum: float,
+                       gram_dtype: str = "float64") -> dict[str, tuple]:
+    """The kernel direction (shift 1e-3) by each path of `sr.direction`: the kernel T built and
+    solved inside jit (as off CPU), built inside jit and solved on the host by LAPACK (CPU,
+    optimizer.gram_build=xla), built by host BLAS syrk and solved by LAPACK (gram_build=blas);
+    the Gram read from X or from its float32 copy."""
+    G = X.astype(jnp.float32) if gram_dtype == "float32" else X
+    T = jax.jit(sr._kernel_matrix, static_argnums=(1, 2))(G, n, False)
+    jitted = sr.Rows(X, e, zeta, None, T)
+    host = sr.Rows(X, e, zeta, G if gram_dtype == "float32" else None, None)
+
+    def on_host(r: sr.Rows):
+        return sr.host_kernel_solve(sr.host_kernel_matrix(r, n), zeta, 1e-3)
+
+    paths = {"xla": (jitted, None), "xla, host solve": (jitted, on_host(jitted)),
+             "blas, host solve": (host, on_host(host))}
+    return {name: sr.solve_rows(r, solved, n, jnp.asarray(1e-3), "kernel", 1e-12, 2000, previous,
+                                jnp.asarray(momentum))
+            for name, (r, solved) in paths.items()}
+
+
 @pytest.mark.parametrize("momentum,kappa", [(0.0, 1.0), (0.9, 1.0), (0.0, 3.0), (0.9, 3.0)])
 @pytest.mark.parametrize("n,P", [(64, 40), (32, 100)])
 def test_solvers_agree(n: int, P: int, momentum: float, kappa: float) -> None:
@@ -43,13 +64,9 @@ def test_solvers_agree(n: int, P: int, momentum: float, kappa: float) -> None:
     for name in ("dense", "cg"):
         x, info = sr.solve(X, e, n, shift, name, 1e-12, 2000, previous, momentum)
         sols[name], metric[name] = np.asarray(x), float(info.metric_norm)
-    # the kernel system solved inside jit (as off CPU) and on the host (BLAS syrk, LAPACK
-    # Cholesky, as `direction` does on CPU); X phi enters through the Jacobian's rows
+    # the kernel system by every path of `direction`; X phi enters through the Jacobian's rows
     zeta = sr._kernel_rhs(e, (X @ previous).reshape(2, n), n, momentum)
-    for name, solved in (("kernel", None), ("kernel, host solve",
-                                            sr.host_kernel_solve(X, zeta, n, 1e-3, False))):
-        x, info = sr.solve_rows(sr.Rows(X, e, zeta, None), solved, n, shift, "kernel", 1e-12,
-                                2000, previous, jnp.asarray(momentum))
+    for name, (x, info) in _kernel_directions(X, e, zeta, n, previous, momentum).items():
         sols[name], metric[name] = np.asarray(x), float(info.metric_norm)
         assert float(info.residual) < 1e-10, (name, float(info.residual))
     # Reference: S and F written out from the formulas of science.md; with momentum, SPRING in
@@ -103,10 +120,9 @@ def test_trust_region_shortens_the_step_and_keeps_its_direction() -> None:
     assert loose_info["lr"] == info["lr"] and loose_info["step_length"] == info["step_length"]
 
 
-@pytest.mark.parametrize("host", [False, True])
-def test_float32_gram_gives_the_float64_direction_to_single_precision(host: bool) -> None:
+def test_float32_gram_gives_the_float64_direction_to_single_precision() -> None:
     """optimizer.gram_dtype=float32: X X^T accumulated in float32 from a float32 copy of X
-    (inside jit as off CPU, or by BLAS ssyrk on the host), the system solved in float64. The
+    (inside jit, or by BLAS ssyrk on the host), the system solved in float64. On every path the
     direction equals the float64 one to float32 round-off, and not to float64 round-off (the
     accumulation really is in float32)."""
     n, P = 32, 100
@@ -114,39 +130,47 @@ def test_float32_gram_gives_the_float64_direction_to_single_precision(host: bool
     previous = jnp.asarray(np.random.default_rng(1).normal(size=P))
     X, e = sr.centred_rows(O, E, n, 3.0)
     zeta = sr._kernel_rhs(e, (X @ previous).reshape(2, n), n, 0.9)
-    shift = jnp.asarray(1e-3)
-    sols = {}
-    for dtype, gram in (("float64", None), ("float32", X.astype(jnp.float32))):
-        r = sr.Rows(X, e, zeta, gram)
-        solved = sr.host_kernel_solve(r.gram, zeta, n, 1e-3, False) if host else None
-        x, info = sr.solve_rows(r, solved, n, shift, "kernel", 1e-12, 2000, previous,
-                                jnp.asarray(0.9))
+    sols = {dtype: _kernel_directions(X, e, zeta, n, previous, 0.9, dtype)
+            for dtype in ("float64", "float32")}
+    for path, (x64, _) in sols["float64"].items():
+        x32, info = sols["float32"][path]
         assert float(info.residual) < 1e-10  # the float64 solve of the (float32-built) system
-        sols[dtype] = np.asarray(x)
-    error = np.linalg.norm(sols["float32"] - sols["float64"]) / np.linalg.norm(sols["float64"])
-    assert 1e-12 < error < 1e-5, error
+        error = np.linalg.norm(x32 - x64) / np.linalg.norm(x64)
+        assert 1e-12 < error < 1e-5, (path, error)
 
 
-def test_float32_gram_copy_is_written_by_the_first_stage() -> None:
-    """`sr.rows` with gram_dtype=float32 returns the float64 X unchanged and its float32 copy
-    (for the kernel solvers only); float64 returns no copy."""
+def test_first_stage_returns_the_kernel_or_the_rows_blas_reads() -> None:
+    """`sr.rows` for the kernel solver: with gram_build=xla the kernel T = X X^T / N (float64,
+    or accumulated in float32 with gram_dtype=float32: equal to single, not double, precision),
+    with gram_build=blas no T and, in float32, the exact float32 copy of X that the host's
+    syrk reads; X itself is the same float64 matrix on every path, and the dense solver gets
+    neither."""
     system = system_for(**{"model.d": 8})
     params = randomized(system.init_params(0), jax.random.PRNGKey(1), 0.1)
     rng = np.random.default_rng(0)
     s = jnp.asarray(np.array([rng.permutation([1, -1] * 8) for _ in range(16)], np.int8))
     eloc = jnp.asarray(rng.normal(size=16) + 1j * rng.normal(size=16))
     zero = jax.tree_util.tree_map(jnp.zeros_like, params)
-    out = {(solver, dtype): sr.rows(system.logpsi, params, s, eloc, 16, jnp.asarray(1.0), solver,
-                                    4, zero, jnp.asarray(0.9), dtype)
-           for solver in ("kernel", "dense") for dtype in ("float64", "float32")}
-    r64, r32 = out["kernel", "float64"], out["kernel", "float32"]
-    assert r64.X_gram is None and r32.X_gram.dtype == jnp.float32
-    np.testing.assert_array_equal(r32.X, r64.X)
-    np.testing.assert_array_equal(r32.X_gram, r64.X.astype(jnp.float32))
-    assert out["dense", "float32"].X_gram is None
+    out = {(solver, dtype, build): sr.rows(system.logpsi, params, s, eloc, 16, jnp.asarray(1.0),
+                                           solver, 4, zero, jnp.asarray(0.9), dtype, build)
+           for solver in ("kernel", "dense") for dtype in ("float64", "float32")
+           for build in ("xla", "blas")}
+    X = np.asarray(out["kernel", "float64", "blas"].X)
+    for key, r in out.items():
+        np.testing.assert_array_equal(r.X, X)
+    T = X @ X.T / 16
+    np.testing.assert_allclose(out["kernel", "float64", "xla"].T, T, rtol=1e-12, atol=1e-14)
+    T32 = np.asarray(out["kernel", "float32", "xla"].T)
+    assert T32.dtype == np.float64 and 1e-12 < np.abs(T32 - T).max() / np.abs(T).max() < 1e-5
+    np.testing.assert_array_equal(out["kernel", "float32", "blas"].X_gram, X.astype(np.float32))
+    assert out["kernel", "float64", "blas"].X_gram is None
+    assert all(out["kernel", d, "blas"].T is None and out["kernel", d, "xla"].X_gram is None
+               for d in ("float64", "float32"))
+    assert all(r.T is None and r.X_gram is None and r.zeta is None
+               for (solver, _, _), r in out.items() if solver == "dense")
 
 
-@pytest.mark.parametrize("rows,blocks", [(74, 4), (74, 3), (9, 1), (5, 4)])
+@pytest.mark.parametrize("rows,blocks", [(74, 8), (74, 3), (9, 1), (5, 4), (5, 8)])
 def test_symmetric_gram_equals_full_product(rows: int, blocks: int) -> None:
     X = jnp.asarray(np.random.default_rng(rows).normal(size=(rows, 23)))
     np.testing.assert_allclose(sr.gram_blocks(X, blocks), X @ X.T, rtol=1e-13, atol=1e-13)
@@ -159,7 +183,8 @@ def test_host_kernel_solve_falls_back_to_the_eigen_solve_when_not_positive_defin
     zeta = jnp.asarray(np.random.default_rng(4).normal(size=12))
     T = np.asarray(X) @ np.asarray(X).T / 5 - 5.0 * np.eye(12)
     assert np.linalg.eigvalsh(T).min() < 0
-    y, _ = sr.host_kernel_solve(X, zeta, 5, -5.0, False)
+    y, _ = sr.host_kernel_solve(sr.host_kernel_matrix(sr.Rows(X, zeta, zeta, None, None), 5),
+                                zeta, -5.0)
     np.testing.assert_allclose(y, sr._spd_solve(jnp.asarray(T), zeta), rtol=1e-10, atol=1e-12)
 
 

@@ -18,13 +18,15 @@ from pipeline.system import System
 MAX_STEP = 0.05  # binds on some of the steps (test_mpi checks that it does)
 
 
-def main(out: str, solver: str, n_steps: int, gram_dtype: str = "float64") -> None:
+def main(out: str, solver: str, n_steps: int, gram_dtype: str = "float64",
+         gram_build: str = "blas") -> None:
     c = Config()
     c.model.d, c.model.heads = 8, 2
     c.sampler.n_samples, c.sampler.n_chains, c.sampler.n_thermalize = 192, 96, 4  # 96: 1, 2, 3 ranks
     c.sampler.n_samples_final = 192
     c.optimizer.solver, c.optimizer.warmup = solver, 0
     c.optimizer.gram_dtype = gram_dtype  # float32: the kernel's partial Grams round differently
+    c.optimizer.gram_build = gram_build  # xla: the kernel built and summed over ranks inside jit
     c.model.chunk_size = 32  # the Jacobian (and the re-sharding of X) in chunks
     c.optimizer.momentum = 0.9  # the SPRING terms are distributed too (rows of X phi_prev)
     c.optimizer.phase_scale, c.optimizer.phase_scale_final = 10.0, 2.0  # and the phase scale
