@@ -428,21 +428,20 @@ def rows(logpsi: Callable, params, s: jax.Array, eloc: jax.Array, n_total: int,
     the float32 copy of the centred X that the host's BLAS reads (one conversion after the
     centring loop: written inside the loop as a second carry, XLA copied it every iteration)."""
     e = _rows(eloc, n_total, phase_scale)
-    if not _is_kernel(solver):
-        J, total, _ = _jacobian_and_sum(logpsi, params, s, chunk, None)
-        return Rows(centred_jacobian(J, total, n_total, chunk), e, None, None, None)
-    phi = ravel_pytree(previous)[0]
+    phi = ravel_pytree(previous)[0] if _is_kernel(solver) else None
     blocks = solver == "kernel" and dist.size() > 1
     if blocks:
         X, Xphi = columns_by_rank(logpsi, params, s, n_total, chunk, phi)
     else:
         J, total, Xphi = _jacobian_and_sum(logpsi, params, s, chunk, phi)
         X = centred_jacobian(J, total, n_total, chunk)
+    if phi is None:
+        return Rows(X, e, None, None, None)
     zeta = _kernel_rhs(e, Xphi, n_total, momentum)
-    G = X.astype(jnp.float32) if gram_dtype == "float32" else X
+    X32 = X.astype(jnp.float32) if gram_dtype == "float32" else None
     if host_gram_used(solver, gram_build):
-        return Rows(X, e, zeta, G if G is not X else None, None)
-    return Rows(X, e, zeta, None, _kernel_matrix(G, n_total, blocks))
+        return Rows(X, e, zeta, X32, None)
+    return Rows(X, e, zeta, None, _kernel_matrix(X if X32 is None else X32, n_total, blocks))
 
 
 @partial(jax.jit, static_argnames=("n_total", "solver", "cg_maxiter"))

@@ -156,7 +156,7 @@ def test_first_stage_returns_the_kernel_or_the_rows_blas_reads() -> None:
            for solver in ("kernel", "dense") for dtype in ("float64", "float32")
            for build in ("xla", "blas")}
     X = np.asarray(out["kernel", "float64", "blas"].X)
-    for key, r in out.items():
+    for r in out.values():
         np.testing.assert_array_equal(r.X, X)
     T = X @ X.T / 16
     np.testing.assert_allclose(out["kernel", "float64", "xla"].T, T, rtol=1e-12, atol=1e-14)
