@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import yaml
 from omegaconf import DictConfig
 
-from . import budget, checkpoint, dist, provenance, rundir, status, warmstart
+from . import budget, checkpoint, compile_cache, dist, provenance, rundir, status, warmstart
 from .analysis import AttentionProbe
+from .backend import CompileCounter
 from .config import Config, config_differences, to_yaml, validate
 from .driver import Driver, RunState, StopRun
 from .errors import CheckpointIncompatible, RefusedRun, WriteFailed
@@ -104,6 +105,8 @@ def run_job(cfg: DictConfig | Config, run_dir: str, progress_bar: bool = True,
     `overrides` (the command line's) are recorded in <run dir>/.hydra/ once the run starts."""
     with dist.abort_on_error(), contextlib.ExitStack() as owned:
         c = validate(cfg, dist.size())
+        cache = compile_cache.enable(c.run.compile_cache)
+        executables = CompileCounter()
         here = dist.ranks_on_this_node()
         dist.root_decides(lambda: budget.check(c, dist.size(), *budget.machine_bytes(here),
                                               platform=jax.default_backend()))
@@ -112,11 +115,14 @@ def run_job(cfg: DictConfig | Config, run_dir: str, progress_bar: bool = True,
         _setup_logging(run_dir)
         if dist.is_root() and not me["locked"]:
             log.warning("run directory %s: no flock on this file system, running unlocked", run_dir)
-        for line in dist.startup_report():
+        for line in [*dist.startup_report(), f"compilation cache: {cache or 'none'}"]:
             dist.print0(line)
             log.info(line)
         try:
-            return _train(c, run_dir, progress_bar, me, overrides)
+            code = _train(c, run_dir, progress_bar, me, overrides)
+            dist.print0(f"XLA executables: {executables.compiled} compiled, "
+                        f"{executables.loaded} loaded from the compilation cache")
+            return code
         except StopRun:
             raise
         except RefusedRun as e:  # a refusal with its reason: no traceback, no status change

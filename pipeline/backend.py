@@ -20,13 +20,21 @@ jax.config.update("jax_enable_x64", True)
 
 
 class CompileCounter:
-    """Counts XLA compilations in this process from the moment it is created (jax.monitoring):
-    a step that compiles after the first ones means a shape changed, which costs seconds."""
+    """Counts the XLA executables this process compiles, and those it loads from the persistent
+    cache (`compile_cache`), from the moment it is created (jax.monitoring). A step that needs
+    a new executable after the first ones means a shape changed, which costs seconds: `count`
+    holds both kinds, since a loaded one is still a new shape."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.count = self.loaded = 0
         jax.monitoring.register_event_duration_secs_listener(self._seen)
 
+    @property
+    def compiled(self) -> int:
+        return self.count - self.loaded
+
     def _seen(self, event: str, duration: float, **_) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
+        if event == "/jax/core/compile/backend_compile_duration":  # compiled or loaded
             self.count += 1
+        elif event == "/jax/compilation_cache/cache_retrieval_time_sec":  # loaded
+            self.loaded += 1

@@ -147,6 +147,7 @@ class RunConfig:
     steps_per_job: int = 0  # stop (with a checkpoint) after this many steps in one job; 0: no limit
     init_from: Optional[str] = None  # warm start from this run directory's checkpoint (warmstart.py)
     finetune_steps: int = 0  # the last steps: projection 'full' at optimizer.lr_final (driver.py)
+    compile_cache: Optional[str] = "auto"  # compiled executables kept on disk (compile_cache.py)
 
 
 @dataclass
@@ -317,7 +318,7 @@ def to_yaml(c: Config) -> str:
 ALWAYS_CHANGEABLE = ("analysis.", "checkpoint.", "launcher.", "model.chunk_size",
                      "optimizer.gram_build", "sampler.n_samples_final",
                      "run.allow_changed", "run.max_rollbacks", "run.steps_per_job",
-                     "run.init_from")
+                     "run.init_from", "run.compile_cache")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -6,25 +6,25 @@ import subprocess
 import sys
 import tempfile
 
-# JAX's persistent compilation cache, for this process and every job the tests start (they
-# inherit the environment, also through mpirun and SLURM): the many small runs of the suite, and
-# the restarts of the fault tests, reuse compiled steps instead of compiling each time. Results
-# are the same compiled code either way; the tracing caches that test_compilation counts are not
-# affected.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "vitnqs-test-jax-cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The persistent compilation cache (pipeline/compile_cache.py), for this process and every job
+# the tests start (they inherit the environment, also through mpirun and SLURM): the many small
+# runs of the suite, and the restarts of the fault tests, load compiled steps instead of
+# compiling each time. Results are the same compiled code either way; test_compilation counts
+# loaded executables as compilations.
+os.environ.setdefault("VITNQS_COMPILE_CACHE",
+                      os.path.join(tempfile.gettempdir(), "vitnqs-test-xla-cache"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest
 
 import pipeline  # noqa: F401,E402  (enables float64)
+from pipeline import compile_cache  # noqa: E402
 from pipeline.config import Config, validate  # noqa: E402
 from pipeline.sr import Preconditioner  # noqa: E402
 from pipeline.system import System  # noqa: E402
 
+compile_cache.enable("auto")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 
