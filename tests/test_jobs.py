@@ -295,21 +295,29 @@ def test_aggregate_collects_final_energies(reference_run, tmp_path) -> None:
 FINETUNE = ["run.finetune_steps=3"]
 
 
+@pytest.fixture(scope="module")
+def finetune_reference(tmp_path_factory):
+    """An uninterrupted 8-step run whose last 3 steps fine-tune."""
+    d = tmp_path_factory.mktemp("finetune_reference")
+    job(d, *FINETUNE, n=8)
+    return d
+
+
 @pytest.mark.parametrize("stop", [5, 6])  # at the switch to the projected phase, and inside it
-def test_finetune_phase_resumes_bit_identically(tmp_path, stop: int) -> None:
+def test_finetune_phase_resumes_bit_identically(finetune_reference, tmp_path, stop: int) -> None:
     """The last run.finetune_steps steps: projection 'full' at lr_final, chains re-thermalized
     once on entering; stopping at the switch or inside the phase changes nothing."""
-    job(tmp_path / "ref", *FINETUNE, n=8)
-    h = history(tmp_path / "ref")
+    ref = finetune_reference
+    h = history(ref)
     np.testing.assert_allclose(h["lr"][5:], 0.002)  # optimizer.lr_final
     assert h["lr"][3] > 0.002
-    assert results.read_final(os.path.join(tmp_path, "ref", "results.h5"))["symmetry"] == "full"
-    job(tmp_path / "cut", *FINETUNE, f"run.steps_per_job={stop}", n=8)
-    out = job(tmp_path / "cut", *FINETUNE, n=8)
+    assert results.read_final(os.path.join(ref, "results.h5"))["symmetry"] == "full"
+    job(tmp_path, *FINETUNE, f"run.steps_per_job={stop}", n=8)
+    out = job(tmp_path, *FINETUNE, n=8)
     assert "projection full" in out.stdout
-    assert_same_run(tmp_path / "ref", tmp_path / "cut", n=8)
-    a = results.read_final(os.path.join(tmp_path, "ref", "results.h5"))
-    assert a == results.read_final(os.path.join(tmp_path, "cut", "results.h5"))
+    assert_same_run(ref, tmp_path, n=8)
+    a = results.read_final(os.path.join(ref, "results.h5"))
+    assert a == results.read_final(os.path.join(tmp_path, "results.h5"))
 
 
 def test_final_symmetry_projects_only_the_final_measurement(reference_run, tmp_path) -> None:
