@@ -13,8 +13,10 @@ A fine-tuning phase (run.finetune_steps on the fully projected state, `Driver`) 
 training steps a step: while training, the horizon keeps room for its steps at `tail_factor`
 times a training step (the caller's estimate, e.g. the ratio of symmetry images); once it has
 begun, its own measured steps after the first (which compiles and burns in) decide, and the
-horizon moves without moving the schedules or the phase's start. The phase's compilation is
-reserved as one training compilation (`compile_seconds`).
+horizon moves without moving the schedules or the phase's start. Its first step is reserved
+apart (`phase_start_seconds`): it compiles the projected step and the projected sampler, and it
+burns the chains in under the projection (run.sampler.n_thermalize sweeps). Reserving too much
+costs nothing: once the phase has begun, the time left becomes more fine-tuning steps.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ class Deadline:
     skip: int = SKIP
     tail: int = 0  # fine-tuning steps at the end of the run (run.finetune_steps)
     tail_factor: float = 1.0  # their expected cost in training steps, until they are measured
+    burn_in: float = 0.0  # the phase's burn-in sweeps, in units of a training step's sweeps
     steps: list[float] = field(default_factory=list)
     sweeps: list[float] = field(default_factory=list)
     energies: list[float] = field(default_factory=list)
@@ -91,6 +94,12 @@ class Deadline:
         compilation still to come (a measurement of another shape or projection)."""
         return max(max(self.steps[:self.skip], default=0.0) - self.step_seconds(), 0.0)
 
+    def phase_start_seconds(self) -> float:
+        """What the fine-tuning phase's first step costs beyond a later one: two compilations
+        (its step, and its sampler, which the training compilation measured here does not
+        include: creating the chains compiled it) and `burn_in` steps' sampling at tail_factor."""
+        return 2 * self.compile_seconds() + self.burn_in * self.tail_factor * self.phase_seconds()[0]
+
     def reserve_seconds(self) -> float:
         return self.reserve(*self.phase_seconds(), self.compile_seconds())
 
@@ -98,10 +107,13 @@ class Deadline:
         """The total number of steps that fit: `step` done plus those the time left allows, the
         last `tail` of them (all that fit, once the fine-tuning phase has begun) fine-tuning."""
         left = self.end - (time.perf_counter() if now is None else now) - self.reserve_seconds()
-        if self.tail_steps or not self.tail or len(self.steps) <= self.skip:  # (compiling)
+        if len(self.steps) <= self.skip and not self.tail_steps:
+            # compiling: these steps overstate the later ones, so go on while any time is left
+            return step + max(int(left // min(self.steps)), int(left > 0))
+        if self.tail_steps or not self.tail:
             cost = self.tail_seconds() if self.tail_steps else self.step_seconds()
             return step + max(int(left // cost), 0)
-        left -= self.compile_seconds()  # the phase compiles its projected step once
+        left -= self.phase_start_seconds()
         tail_left = left - self.tail * self.tail_seconds()
         if tail_left < 0:  # not even the whole phase fits: it starts now, shorter
             return step + max(int(left // self.tail_seconds()), 0)
@@ -117,10 +129,11 @@ def train(driver, state, deadline: Deadline, first_horizon: int,
           on_step: Callable[[object, StepRecord, int], None] | None = None):
     """Run `driver` from `state` until the deadline's horizon is reached; the driver's schedules
     follow the horizon (`Driver.set_horizon`). Returns (state, horizon) with state.step ==
-    horizon. `first_horizon` holds until the compilation steps are done (unless even they leave
-    no time: then the run ends there). A blown-up step rolls back as in `Driver.run`."""
+    horizon. `first_horizon` holds until the compilation steps are done (the run ends there
+    only if no time at all is left: a compilation step says little about the steps after it). A blown-up step rolls back as in `Driver.run`."""
     finetune = driver.cfg.run.finetune_steps
     deadline.tail = finetune
+    deadline.burn_in = driver.cfg.sampler.n_thermalize / driver.n_per_chain
     horizon = first_horizon
     driver.set_horizon(schedule_end(horizon, finetune))
     snapshot = state

@@ -42,19 +42,34 @@ def test_horizon_follows_the_step_times_and_the_reserve() -> None:
     assert d.horizon(14, now=999.0) == 14  # no time left: no more steps
 
 
+def test_a_slow_compilation_step_does_not_end_the_run() -> None:
+    """A first step that compiled for 30 s with 20 s left: the steps after it are cheaper, so the
+    run goes on (it ended here after one step when a cold compilation took most of a short
+    budget); with no time left it ends."""
+    d = Deadline(end=1000.0, reserve=lambda *_: 0.0, skip=2)
+    d.record(_step(30.0))
+    assert d.horizon(1, now=980.0) == 2
+    assert d.horizon(1, now=1000.0) == 1
+    d.record(_step(0.5))  # still compiling: the cheapest step so far bounds the next
+    assert d.horizon(2, now=980.0) == 2 + 40
+
+
 def test_horizon_keeps_room_for_the_fine_tuning_steps() -> None:
     """Before the fine-tuning phase the horizon keeps its steps at tail_factor training steps
     each (the phase starts at once, shorter, when it does not fit whole); once begun, its own
     measured steps decide (the first, which compiles, left out)."""
-    d = Deadline(end=1000.0, reserve=lambda *_: 0.0, skip=2, tail=10, tail_factor=16.0)
+    d = Deadline(end=1000.0, reserve=lambda *_: 0.0, skip=2, tail=10, tail_factor=16.0,
+                 burn_in=1.5)
     for s in (30.0, 30.0):  # compiling: the phase is not costed yet
-        d.record(_step(s))
+        d.record(_step(s, 0.25))
     assert d.horizon(2, now=0.0) == 2 + int(1000 // 30.0)
     for _ in range(8):
-        d.record(_step(1.0))
-    # 900 s less a compilation (29 s): 10 x 16 s, then 711 x 1 s
-    assert d.horizon(10, now=100.0) == 10 + 711 + 10
-    assert d.horizon(10, now=900.0) == 10 + 4  # 100 - 29 s: 4 steps of 16 s, from now on
+        d.record(_step(1.0, 0.25))
+    # the phase's first step: 2 compilations (2 x 29 s) and 1.5 x 16 x 0.25 s of burn-in = 64 s
+    assert d.phase_start_seconds() == pytest.approx(64.0)
+    # 900 s less 64 s: 10 x 16 s, then 676 x 1 s
+    assert d.horizon(10, now=100.0) == 10 + 676 + 10
+    assert d.horizon(10, now=900.0) == 10 + 2  # 100 - 64 s: 2 steps of 16 s, from now on
     d.record(_step(40.0), tail=True)  # compiles: the a priori cost still holds
     assert d.tail_seconds() == 16.0 and d.step_seconds() == 1.0
     for _ in range(2):
@@ -75,12 +90,10 @@ def test_fine_tuning_inside_a_budget() -> None:
     budget = 25.0
     start = time.perf_counter()
     records = []
-    # compilation inside the budget (the phase's is reserved as one); a projected step of a model
-    # this small costs about 25 training steps (fixed overheads), not the 16 of its images. The
-    # first one also compiles and burns in, which on a cold compilation cache (CI) took far more
-    # than the reserved training compilation and left room for one step at tail_factor = 40:
-    # 80 keeps room for that; once the phase has begun its measured steps decide anyway.
-    deadline = Deadline(start + budget, lambda *_: 0.0, tail_factor=80.0)
+    # compilation inside the budget (the phase's first step is reserved apart: two compilations
+    # and the burn-in); a projected step of a model this small costs about 15-25 training steps
+    # (fixed overheads), not the 16 of its images.
+    deadline = Deadline(start + budget, lambda *_: 0.0, tail_factor=40.0)
     state, horizon = train(driver, driver.fresh_state(), deadline, 10_000,
                            lambda st, rec, h: records.append(rec))
     elapsed = time.perf_counter() - start
