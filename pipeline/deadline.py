@@ -31,6 +31,7 @@ from .records import StepRecord
 WINDOW = 8
 SKIP = 2  # the first steps compile
 REBUILD = 0.02  # the schedules are re-set when the horizon moves by more than this fraction
+GROW = 3  # ... and, for a longer horizon, when the last GROW estimates all agree
 
 
 def schedule_end(horizon: int, finetune_steps: int) -> int:
@@ -125,17 +126,33 @@ def _expected(t: list[float]) -> float:
     return max(statistics.median(t), statistics.fmean(t[-3:]))
 
 
+def _schedule_target(planned: int, recent: list[int], keep_phase: bool) -> int:
+    """Where the schedules should end, given where they do (`planned`) and the last GROW
+    horizons: a shrink by more than REBUILD (by any amount with a fine-tuning phase, which it
+    would cut) counts at once; a growth only when all the recent horizons agree on more than
+    REBUILD. Step times that alternate on a loaded machine swing the horizon by tens of percent
+    from one step to the next: the schedules then rest at the lower horizon instead of being
+    re-set at every step, and the run's stop (later, if anything) is at their final values."""
+    new, low = recent[-1], min(recent)
+    if new < planned * (1 - REBUILD) or (keep_phase and new < planned):
+        return new
+    if low > planned * (1 + REBUILD):
+        return low
+    return planned
+
+
 def train(driver, state, deadline: Deadline, first_horizon: int,
           on_step: Callable[[object, StepRecord, int], None] | None = None):
     """Run `driver` from `state` until the deadline's horizon is reached; the driver's schedules
-    follow the horizon (`Driver.set_horizon`). Returns (state, horizon) with state.step ==
+    follow the horizon (`Driver.set_horizon`) when it moves by more than REBUILD. Returns (state, horizon) with state.step ==
     horizon. `first_horizon` holds until the compilation steps are done (the run ends there
     only if no time at all is left: a compilation step says little about the steps after it). A blown-up step rolls back as in `Driver.run`."""
     finetune = driver.cfg.run.finetune_steps
     deadline.tail = finetune
     deadline.burn_in = driver.cfg.sampler.n_thermalize / driver.n_per_chain
-    horizon = first_horizon
-    driver.set_horizon(schedule_end(horizon, finetune))
+    horizon = planned = first_horizon  # where the run stops; where the schedules were set for
+    driver.set_horizon(schedule_end(planned, finetune))
+    proposed: list[int] = []  # the horizons estimated so far
     snapshot = state
     while state.step < horizon:
         tail = finetune > 0 and state.step >= driver.switch
@@ -146,11 +163,16 @@ def train(driver, state, deadline: Deadline, first_horizon: int,
         new = deadline.horizon(state.step)  # while compiling: from the compilation steps
         if new <= state.step:
             horizon = state.step
-        elif tail:  # fine-tuning: the schedules and the phase's start stay where they are
+        elif tail or len(deadline.steps) > deadline.skip:
+            # the stop follows every estimate (a stale one stopped runs a step early); the
+            # schedules follow `_schedule_target`, and never move once fine-tuning has begun
+            # (its start and learning rate stay)
             horizon = new
-        elif len(deadline.steps) > deadline.skip and abs(new - horizon) > REBUILD * horizon:
-            horizon = new
-            driver.set_horizon(schedule_end(horizon, finetune))
+            proposed.append(new)
+            target = _schedule_target(planned, proposed[-GROW:], finetune > 0)
+            if not tail and target != planned:
+                planned = target
+                driver.set_horizon(schedule_end(planned, finetune))
         if on_step:
             on_step(state, rec, horizon)
     return state, horizon
