@@ -144,9 +144,10 @@ def _schedule_target(planned: int, recent: list[int], keep_phase: bool) -> int:
 def train(driver, state, deadline: Deadline, first_horizon: int,
           on_step: Callable[[object, StepRecord, int], None] | None = None):
     """Run `driver` from `state` until the deadline's horizon is reached; the driver's schedules
-    follow the horizon (`Driver.set_horizon`) when it moves by more than REBUILD. Returns (state, horizon) with state.step ==
-    horizon. `first_horizon` holds until the compilation steps are done (the run ends there
-    only if no time at all is left: a compilation step says little about the steps after it). A blown-up step rolls back as in `Driver.run`."""
+    follow the horizon (`Driver.set_horizon`) as `_schedule_target` says. Returns (state,
+    horizon) with state.step == horizon. `first_horizon` holds until the compilation steps are
+    done (the run ends there only if no time at all is left: a compilation step says little
+    about the steps after it). A blown-up step rolls back as in `Driver.run`."""
     finetune = driver.cfg.run.finetune_steps
     deadline.tail = finetune
     deadline.burn_in = driver.cfg.sampler.n_thermalize / driver.n_per_chain
