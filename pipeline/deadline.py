@@ -153,7 +153,7 @@ def train(driver, state, deadline: Deadline, first_horizon: int,
     deadline.burn_in = driver.cfg.sampler.n_thermalize / driver.n_per_chain
     horizon = planned = first_horizon  # where the run stops; where the schedules were set for
     driver.set_horizon(schedule_end(planned, finetune))
-    proposed: list[int] = []  # the horizons estimated so far
+    proposed: list[int] = []  # the horizons estimated before fine-tuning
     snapshot = state
     while state.step < horizon:
         tail = finetune > 0 and state.step >= driver.switch
@@ -169,11 +169,12 @@ def train(driver, state, deadline: Deadline, first_horizon: int,
             # schedules follow `_schedule_target`, and never move once fine-tuning has begun
             # (its start and learning rate stay)
             horizon = new
-            proposed.append(new)
-            target = _schedule_target(planned, proposed[-GROW:], finetune > 0)
-            if not tail and target != planned:
-                planned = target
-                driver.set_horizon(schedule_end(planned, finetune))
+            if not tail:
+                proposed.append(new)
+                target = _schedule_target(planned, proposed[-GROW:], finetune > 0)
+                if target != planned:
+                    planned = target
+                    driver.set_horizon(schedule_end(planned, finetune))
         if on_step:
             on_step(state, rec, horizon)
     return state, horizon
