@@ -13,7 +13,8 @@ A fine-tuning phase (run.finetune_steps on the fully projected state, `Driver`) 
 training steps a step: while training, the horizon keeps room for its steps at `tail_factor`
 times a training step (the caller's estimate, e.g. the ratio of symmetry images); once it has
 begun, its own measured steps after the first (which compiles and burns in) decide, and the
-horizon moves without moving the schedules or the phase's start. Its first step is reserved
+horizon moves without moving the schedules or the phase's start; it is cut at its start only when
+short by at least one of its steps (not by the noise of its estimate). Its first step is reserved
 apart (`phase_start_seconds`): it compiles the projected step and the projected sampler, and it
 burns the chains in under the projection (run.sampler.n_thermalize sweeps). Reserving too much
 costs nothing: once the phase has begun, the time left becomes more fine-tuning steps.
@@ -116,9 +117,12 @@ class Deadline:
             return step + max(int(left // cost), 0)
         left -= self.phase_start_seconds()
         tail_left = left - self.tail * self.tail_seconds()
-        if tail_left < 0:  # not even the whole phase fits: it starts now, shorter
+        if tail_left < -self.tail_seconds():  # short by a phase step: it starts now, shorter
             return step + max(int(left // self.tail_seconds()), 0)
-        return step + int(tail_left // self.step_seconds()) + self.tail
+        # a shortfall of less than one phase step still starts the whole phase: its estimate,
+        # tail x tail_factor training steps, moves by many training steps with a step's noise,
+        # and would otherwise cut the phase at random at its start; its measured steps then decide
+        return step + max(int(tail_left // self.step_seconds()), 0) + self.tail
 
 
 def _expected(t: list[float]) -> float:

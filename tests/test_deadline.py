@@ -112,6 +112,10 @@ def test_horizon_keeps_room_for_the_fine_tuning_steps() -> None:
     # 900 s less 64 s: 10 x 16 s, then 676 x 1 s
     assert d.horizon(10, now=100.0) == 10 + 676 + 10
     assert d.horizon(10, now=900.0) == 10 + 2  # 100 - 64 s: 2 steps of 16 s, from now on
+    # 150 s left after the phase's start, 10 s short of the phase: less than one of its steps,
+    # so the whole phase starts now (a cut here would follow every step's noise)
+    assert d.horizon(10, now=786.0) == 10 + 10
+    assert d.horizon(10, now=793.0) == 10 + 8  # 17 s short: cut to the 8 that fit (143 s)
     d.record(_step(40.0), tail=True)  # compiles: the a priori cost still holds
     assert d.tail_seconds() == 16.0 and d.step_seconds() == 1.0
     for _ in range(2):

@@ -34,29 +34,45 @@ def test_collectives_equal_numpy_sums() -> None:
 FLOAT32_TOLERANCE = {"energies": 1e-5, "lengths": 1e-4, "params": 2e-4}
 
 
-@pytest.mark.parametrize("solver,ranks,gram,build", [
-    ("dense", (2,), "float64", "blas"), ("cg", (2,), "float64", "blas"),
-    ("kernel", (2, 3), "float64", "blas"), ("kernel", (2, 3), "float64", "xla"),
-    ("kernel_gather", (2,), "float64", "blas"), ("kernel_gather", (2,), "float64", "xla"),
-    ("kernel", (2, 3), "float32", "blas"), ("kernel_gather", (2,), "float32", "blas")])
-def test_one_rank_and_k_ranks_agree(tmp_path, solver: str, ranks: tuple[int, ...],
-                                    gram: str, build: str) -> None:
+CASES = [  # (solver, gram dtype, gram build): the rank counts each is compared on
+    (("dense", "float64", "blas"), (2,)), (("cg", "float64", "blas"), (2,)),
+    (("kernel", "float64", "blas"), (2, 3)), (("kernel", "float64", "xla"), (2, 3)),
+    (("kernel_gather", "float64", "blas"), (2,)), (("kernel_gather", "float64", "xla"), (2,)),
+    (("kernel", "float32", "blas"), (2, 3)), (("kernel_gather", "float32", "blas"), (2,))]
+
+
+@pytest.fixture(scope="module")
+def agreement_runs(tmp_path_factory) -> dict[int, tuple]:
+    """5 SR steps of every case, one process per rank count (1, 2, 3) running all its cases:
+    (output folder, completed process) per rank count; a failed run fails each case's test
+    with its stderr."""
+    runs = {}
+    for n in (1, 2, 3):
+        folder = tmp_path_factory.mktemp(f"agreement{n}")
+        cases = [":".join(case) for case, ranks in CASES if n == 1 or n in ranks]
+        runs[n] = folder, _run(n, "agreement.py", str(folder), "5", *cases, timeout=900)
+    return runs
+
+
+@pytest.mark.parametrize("case,ranks", CASES, ids=["-".join(c) for c, _ in CASES])
+def test_one_rank_and_k_ranks_agree(agreement_runs, case: tuple[str, str, str],
+                                    ranks: tuple[int, ...]) -> None:
     """Same samples, and energies and parameters after 5 SR steps (momentum and phase scale on)
     equal to round-off (float64: 1e-8; a float32 Gram: to its round-off, FLOAT32_TOLERANCE);
     `kernel` on K ranks is the form distributed by parameter blocks (3 ranks: uneven column
     blocks); the kernel X X^T built by host BLAS or inside jit (optimizer.gram_build)."""
-    tol = FLOAT32_TOLERANCE if gram == "float32" else dict.fromkeys(FLOAT32_TOLERANCE, 1e-8)
-    runs = {}
+    tol = FLOAT32_TOLERANCE if case[1] == "float32" else dict.fromkeys(FLOAT32_TOLERANCE, 1e-8)
+    loaded = {}
     for n in (1, *ranks):
-        runs[n] = tmp_path / f"{n}.npz"
-        out = _run(n, "agreement.py", str(runs[n]), solver, "5", gram, build)
+        folder, out = agreement_runs[n]
         assert out.returncode == 0, out.stderr
-    a = np.load(runs[1])
+        loaded[n] = np.load(folder / ("-".join(case) + ".npz"))
+    a = loaded[1]
     assert np.ptp(a["energies"]) > 1e-3  # the parameters did move
     limited = np.isclose(a["lengths"], a["max_step"], rtol=1e-12)
     assert limited.any() and not limited.all(), a["lengths"]  # the trust region acted, not always
     for n in ranks:
-        b = np.load(runs[n])
+        b = loaded[n]
         assert int(b["n_ranks"]) == n
         np.testing.assert_array_equal(a["chains"], b["chains"])
         np.testing.assert_allclose(b["energies"], a["energies"], rtol=tol["energies"], atol=0)

@@ -1,10 +1,14 @@
-"""Run a few SR steps of a small system on however many ranks this was launched with and save
-energies and parameters (rank 0) for comparison across rank counts.
+"""Run a few SR steps of a small system for each of several solver cases, on however many ranks
+this was launched with, and save energies and parameters (rank 0) per case, for comparison across
+rank counts. All cases in one process: one start-up (imports, MPI, the shared compilations) per
+rank count instead of one per case.
 
-usage: [mpirun -n K] python agreement.py OUT.npz SOLVER N_STEPS [GRAM_DTYPE]
+usage: [mpirun -n K] python agreement.py OUT_DIR N_STEPS SOLVER:GRAM_DTYPE:GRAM_BUILD ...
+writes OUT_DIR/SOLVER-GRAM_DTYPE-GRAM_BUILD.npz for each case
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -18,8 +22,7 @@ from pipeline.system import System
 MAX_STEP = 0.05  # binds on some of the steps (test_mpi checks that it does)
 
 
-def main(out: str, solver: str, n_steps: int, gram_dtype: str = "float64",
-         gram_build: str = "blas") -> None:
+def config(solver: str, n_steps: int, gram_dtype: str, gram_build: str) -> Config:
     c = Config()
     c.model.d, c.model.heads = 8, 2
     c.sampler.n_samples, c.sampler.n_chains, c.sampler.n_thermalize = 192, 96, 4  # 96: 1, 2, 3 ranks
@@ -33,22 +36,32 @@ def main(out: str, solver: str, n_steps: int, gram_dtype: str = "float64",
     c.optimizer.cg_tol, c.optimizer.cg_maxiter = 1e-10, 5000  # converged: no round-off amplification
     c.optimizer.max_step = MAX_STEP  # the trust region's d^T S d is summed over ranks too
     c.run.n_iter = n_steps
-    c = validate(c, dist.size())
+    return validate(c, dist.size())
+
+
+def run_case(path: str, c: Config) -> None:
+    driver = Driver(System.build(c))
+    state = driver.fresh_state()
+    energies, lengths = [], []
+    for _ in range(c.run.n_iter):
+        state, record = driver.step(state)
+        energies.append(record.energy)
+        lengths.append(record.step_length)
+    flat = np.asarray(ravel_pytree(state.vstate.params)[0])
+    dist.assert_same("parameters", flat)
+    chains = dist.gather_rows(np.asarray(state.vstate.chains))
+    if dist.is_root():
+        np.savez(path, energies=np.array(energies), lengths=np.array(lengths),
+                 max_step=MAX_STEP, params=flat, chains=chains, n_ranks=dist.size())
+
+
+def main(out_dir: str, n_steps: str, *cases: str) -> None:
     with dist.abort_on_error():
-        driver = Driver(System.build(c))
-        state = driver.fresh_state()
-        energies, lengths = [], []
-        for _ in range(n_steps):
-            state, record = driver.step(state)
-            energies.append(record.energy)
-            lengths.append(record.step_length)
-        flat = np.asarray(ravel_pytree(state.vstate.params)[0])
-        dist.assert_same("parameters", flat)
-        chains = dist.gather_rows(np.asarray(state.vstate.chains))
-        if dist.is_root():
-            np.savez(out, energies=np.array(energies), lengths=np.array(lengths),
-                     max_step=MAX_STEP, params=flat, chains=chains, n_ranks=dist.size())
+        for case in cases:
+            solver, gram_dtype, gram_build = case.split(":")
+            run_case(os.path.join(out_dir, case.replace(":", "-") + ".npz"),
+                     config(solver, int(n_steps), gram_dtype, gram_build))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *sys.argv[4:])
+    main(*sys.argv[1:])
