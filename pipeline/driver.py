@@ -45,6 +45,12 @@ class StopRun(Exception):
         return self.state == "requeued"
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """Whether every entry of every leaf is finite (one program, not two per leaf)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
 @dataclass(frozen=True)
 class RunState:
     """The whole state of a run (what a checkpoint holds)."""
@@ -146,8 +152,8 @@ class Driver:
     def blown_up(self, record: StepRecord, params) -> bool:
         """Non-finite energy or parameters, or an energy beyond any physical bound."""
         bound = 0.75 * float(np.abs(self.system.hamiltonian.J).sum()) / self.system.n_sites
-        finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params))
-        return not (finite and math.isfinite(record.energy) and abs(record.energy) <= 2 * bound)
+        return not (bool(_all_finite(params)) and math.isfinite(record.energy)
+                    and abs(record.energy) <= 2 * bound)
 
     def advance(self, state: RunState, snapshot: RunState
                 ) -> tuple[RunState, StepRecord | None, RunState]:

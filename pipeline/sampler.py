@@ -39,12 +39,13 @@ class Samples(NamedTuple):
     proposed: jax.Array  # proposals whose spins differed, summed over local chains
 
 
+@partial(jax.jit, static_argnames=("seed",))
 def chain_keys(seed: int, purpose: int, step: int, global_ids: jax.Array, block: int = 0) -> jax.Array:
     """One key per chain: fold_in(seed) -> purpose -> step [-> block, if not 0] -> global chain
-    index. Blocks are the successive sampler calls of one measurement drawn piece by piece."""
+    index. Blocks are the successive sampler calls of one measurement drawn piece by piece.
+    Compiled once per seed (the step and block are arguments, not constants)."""
     k = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), purpose), step)
-    if block:
-        k = jax.random.fold_in(k, block)
+    k = jnp.where(block != 0, jax.random.fold_in(k, block), k)
     return jax.vmap(lambda g: jax.random.fold_in(k, g))(global_ids)
 
 

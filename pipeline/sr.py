@@ -495,6 +495,12 @@ def geometric_schedule(start: float, end: float, n_iter: int) -> optax.Schedule:
     return optax.exponential_decay(start, max(n_iter, 1), end / start, end_value=end)
 
 
+@partial(jax.jit, static_argnums=0)
+def _init_state(optimizer: optax.GradientTransformation, params) -> SRState:
+    """The optimizer's initial state and a zero previous direction, as one compiled program."""
+    return SRState(optimizer.init(params), jax.tree_util.tree_map(jnp.zeros_like, params))
+
+
 class Preconditioner:
     """SR as an optimizer: the solver, the schedules (optax) of learning rate, diagonal shift and
     phase scale, and the momentum state. `update` maps (parameters, samples, local energies) to
@@ -516,9 +522,20 @@ class Preconditioner:
         self.diag_shift = geometric_schedule(o.diag_shift, o.diag_shift_final, n_iter)
         self.phase_scale = geometric_schedule(o.phase_scale, o.phase_scale_final, n_iter)
         self.optimizer = optax.sgd(self.lr)
+        # compiled once per horizon: run eagerly, the schedules and the update are some forty
+        # small executables to compile or load at the start of every job
+        self._schedules = jax.jit(lambda step: (self.lr(step), self.diag_shift(step),
+                                                self.phase_scale(step)))
+        self._apply = jax.jit(self._apply_direction)
+
+    def _apply_direction(self, params, d, optax_state, lr_scale: jax.Array):
+        """The optimizer's step along the SR direction d scaled by lr_scale."""
+        scaled = jax.tree_util.tree_map(lambda g: g * lr_scale, d)
+        updates, optax_state = self.optimizer.update(scaled, optax_state, params)
+        return optax.apply_updates(params, updates), optax_state
 
     def init(self, params) -> SRState:
-        return SRState(self.optimizer.init(params), jax.tree_util.tree_map(jnp.zeros_like, params))
+        return _init_state(self.optimizer, params)
 
     def update(self, logpsi: Callable, params, s: jax.Array, eloc: jax.Array, state: SRState,
                step: int, lr_scale: float) -> tuple[Any, SRState, dict[str, float]]:
@@ -528,19 +545,17 @@ class Preconditioner:
         it): a trust region against the single large step that throws a run off (J2 = 0.8 on 4x4
         went from E/N = -0.578 to NaN in 9 steps without it)."""
         o = self.config
-        shift, kappa = float(self.diag_shift(step)), float(self.phase_scale(step))
+        lr, shift, kappa = (float(x) for x in self._schedules(step))
         d, info = direction(logpsi, params, s, eloc, self.n_total, jnp.asarray(shift),
                             jnp.asarray(kappa), self.solver, self.chunk, o.cg_tol, o.cg_maxiter,
                             state.previous, jnp.asarray(o.momentum), str(o.gram_dtype),
                             str(o.gram_build))
-        lr = float(self.lr(step)) * lr_scale
+        lr *= lr_scale
         length = lr * math.sqrt(float(info.metric_norm))  # NaN on a blown-up step: no cap
         if o.max_step > 0 and length > o.max_step:  # trust region: shorten, keep the direction
             lr_scale *= o.max_step / length
             lr, length = lr * o.max_step / length, o.max_step
-        scaled = jax.tree_util.tree_map(lambda g: g * lr_scale, d)
-        updates, optax_state = self.optimizer.update(scaled, state.optax_state, params)
-        params = optax.apply_updates(params, updates)
+        params, optax_state = self._apply(params, d, state.optax_state, jnp.asarray(lr_scale))
         cg_iters = int(info.cg_iterations)
         return params, SRState(optax_state, d), {
             "lr": lr, "step_length": length, "diag_shift": shift, "phase_scale": kappa,

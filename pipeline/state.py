@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import dist
 from .hamiltonian import local_energies
@@ -101,5 +102,5 @@ class VariationalState:
 
 def _keys(system: System, purpose: int, step: int, block: int = 0) -> jax.Array:
     n_local = system.cfg.sampler.n_chains // dist.size()
-    ids = jnp.arange(n_local) + dist.rank() * n_local
+    ids = np.arange(n_local) + dist.rank() * n_local
     return chain_keys(system.cfg.run.seed, purpose, step, ids, block)

@@ -21,6 +21,13 @@ def _apply(model: ViT, params, s):
     return model.apply({"params": params}, s)
 
 
+@partial(jax.jit, static_argnums=(0, 1))
+def _init(model: ViT, n_sites: int, key: jax.Array):
+    """The model's initial parameters as one compiled program (run eagerly, its initializers and
+    the traced forward pass are some sixty small executables to compile or load at every start)."""
+    return model.init(key, np.ones((1, n_sites), np.int8))["params"]
+
+
 @dataclass(frozen=True, eq=False)
 class System:
     """Everything that is fixed for a run: geometry, Hamiltonian, model, log psi, sampler."""
@@ -64,7 +71,7 @@ class System:
     def init_params(self, seed: int):
         """Initial parameters, derived from the run seed (purpose stream 'params')."""
         key = jax.random.fold_in(jax.random.PRNGKey(seed), 1_000_003)
-        return self.model.init(key, np.ones((1, self.n_sites), np.int8))["params"]
+        return _init(self.model, self.n_sites, key)
 
     def n_params(self, params) -> int:
         return n_params(params)
