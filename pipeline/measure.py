@@ -78,7 +78,7 @@ def _unique_name(existing: set[str], wanted: str) -> str:
 
 def measure(req: Request) -> dict[str, Any]:
     """Run the measurement on all ranks; rank 0 writes it. Returns the attributes written."""
-    from . import checkpoint, dist, observables, rundir
+    from . import checkpoint, compile_cache, dist, observables, rundir
     from .app import restore_vstate
     from .driver import Driver
     from .results import load
@@ -90,6 +90,7 @@ def measure(req: Request) -> dict[str, Any]:
         if not stored:
             raise ResultsError(f"results file {path} holds no config: not a vitnqs run")
         c, n_samples = _config(req, stored, dist.size())
+        compile_cache.enable(c.run.compile_cache)  # the run's: a repeated measurement loads
         system = System.build(c)
         driver = Driver(system)
         ckpt_dir = os.path.join(req.run_dir, "checkpoints")

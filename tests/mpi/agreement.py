@@ -14,7 +14,7 @@ import sys
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from pipeline import dist
+from pipeline import compile_cache, dist
 from pipeline.config import Config, validate
 from pipeline.driver import Driver
 from pipeline.system import System
@@ -56,6 +56,7 @@ def run_case(path: str, c: Config) -> None:
 
 
 def main(out_dir: str, n_steps: str, *cases: str) -> None:
+    compile_cache.enable("auto")  # the suite's (VITNQS_COMPILE_CACHE), as the jobs use
     with dist.abort_on_error():
         for case in cases:
             solver, gram_dtype, gram_build = case.split(":")
