@@ -134,11 +134,13 @@ def test_projected_and_chunked_log_derivatives_equal_dense(attention: str, mode:
     states = exact.sz0_basis(16)
     s = exact.configs(states[np.random.default_rng(2).choice(len(states), 48, replace=False)], 16)
     perm, sign = group(system.lattice, mode)
+    bare_logpsi = jax.jit(bare.logpsi)  # one compilation for all images (eager: minutes)
+    bare_o = jax.jit(lambda p, x: sr.log_derivatives(bare.logpsi, p, x))
     num, den = 0, 0
     for p, f in zip(perm, sign):
         images = jnp.asarray(s[:, p] * f)
-        psi = np.exp(np.asarray(bare.logpsi(params, images)))
-        num = num + psi[:, None] * np.asarray(sr.log_derivatives(bare.logpsi, params, images))
+        psi = np.exp(np.asarray(bare_logpsi(params, images)))
+        num = num + psi[:, None] * np.asarray(bare_o(params, images))
         den = den + psi
     got = np.asarray(sr.log_derivatives(system.logpsi, params, jnp.asarray(s), chunk))
     np.testing.assert_allclose(got, num / den[:, None], rtol=1e-8, atol=1e-10)
