@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .errors import ConfigError
 
 SEED_LIMIT = 2 ** 63  # JAX keys take a signed 64-bit seed
+EXACT_MAX_SITES = 20  # exact diagonalization and sampler.kind=exact: the Sz = 0 sector has 184756 states
 
 
 class LatticeKind(StrEnum):
@@ -58,6 +59,14 @@ class GramDtype(StrEnum):
 
     float64 = "float64"
     float32 = "float32"
+
+
+class SamplerKind(StrEnum):
+    """exchange: Metropolis with spin-exchange moves | exact: independent draws from |psi|^2 over
+    the whole Sz = 0 sector (N <= 20), with local energies from the sparse Hamiltonian."""
+
+    exchange = "exchange"
+    exact = "exact"
 
 
 class GramBuild(StrEnum):
@@ -106,6 +115,7 @@ class ModelConfig:
 
 @dataclass
 class SamplerConfig:
+    kind: SamplerKind = SamplerKind.exchange  # exchange (Metropolis) | exact (N <= 20: whole sector)
     n_samples: int = 1024  # samples per SR step, all ranks together
     n_chains: int = 1024  # Markov chains, all ranks together
     sweep_size: int = 0  # proposals between samples (0: N)
@@ -278,6 +288,9 @@ def validate(cfg: DictConfig | Config, n_ranks: int = 1) -> Config:
              f"not a multiple of sampler.n_chains={s.n_chains}")
     _require(s.n_chains % n_ranks == 0, "sampler.n_chains", s.n_chains,
              f"not divisible by the number of MPI ranks ({n_ranks})")
+    _require(s.kind == SamplerKind.exchange or lat.L * lat.L <= EXACT_MAX_SITES, "sampler.kind",
+             str(s.kind), f"enumerates the Sz = 0 sector, limited to N <= {EXACT_MAX_SITES} sites "
+             f"(here N = {lat.L ** 2}); use sampler.kind=exchange")
     _require(s.sweep_size >= 0, "sampler.sweep_size", s.sweep_size, "must be >= 0")
     _require(s.n_thermalize >= 0, "sampler.n_thermalize", s.n_thermalize, "must be >= 0")
     for name in ("lr", "lr_final", "diag_shift", "diag_shift_final", "phase_scale",

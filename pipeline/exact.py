@@ -19,9 +19,9 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import eigsh
 
+from .config import EXACT_MAX_SITES as MAX_SITES
 from .hamiltonian import Hamiltonian
 
-MAX_SITES = 20
 BATCH = 2048  # configurations per forward pass of `state_vector`
 
 

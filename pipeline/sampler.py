@@ -1,4 +1,5 @@
-"""Metropolis sampling of |psi|^2 with spin-exchange moves (Sz is conserved).
+"""Sampling of |psi|^2 in the Sz = 0 sector: Metropolis with spin-exchange moves (`ExchangeSampler`),
+or, for at most 20 sites, independent draws over the whole sector (`ExactSampler`).
 
 A proposal picks one of the m(s) exchange bonds whose two spins differ, uniformly, and swaps them:
 every proposal costs one forward pass and every one can move (picking among all bonds wastes the
@@ -24,6 +25,8 @@ import numpy as np
 
 from . import backend  # noqa: F401  (device pinning, float64)
 from .budget import rows_per_chunk
+from .exact import configs, sparse_hamiltonian
+from .hamiltonian import Hamiltonian, apply_chunked
 
 # Purposes of the random streams (the second fold_in). FINAL_BURN_IN: the sweeps discarded before
 # a measurement, under the parameters being measured.
@@ -37,6 +40,7 @@ class Samples(NamedTuple):
     logpsi: jax.Array
     accepted: jax.Array  # accepted exchanges, summed over local chains
     proposed: jax.Array  # proposals whose spins differed, summed over local chains
+    eloc: jax.Array | None = None  # complex local energies, where the sampler has them (exact)
 
 
 @partial(jax.jit, static_argnames=("seed",))
@@ -135,3 +139,49 @@ def _sweeps(logpsi: Callable, bonds: jax.Array, sweep: int, n_per_chain: int, pa
     init = (chains, logpsi(params, chains), anti_aligned(chains), zero, zero)
     (chains, _, _, acc, prop), (s, lp) = jax.lax.scan(one_sample, init, jnp.arange(n_per_chain))
     return chains, s, lp, acc, prop
+
+
+@dataclass(frozen=True, eq=False)
+class ExactSampler:
+    """Independent draws from |psi|^2 over the whole Sz = 0 sector (small lattices: 12870 states
+    on 4x4). Each call evaluates log psi on every basis configuration (`group` at a time) and
+    draws every chain's samples by inverse transform sampling with that chain's own key, so the
+    samples do not depend on the rank count (every rank evaluates the same table). The local
+    energies come with the samples: E_loc(x) = sum_y H_xy psi(y) / psi(x) over the nonzeros of
+    the sparse Hamiltonian (`exact.sparse_hamiltonian`, the network's basis), with no forward pass
+    per connected configuration. No burn-in and no autocorrelation; a chain holds its last draw
+    only. Acceptance is 1 by construction."""
+
+    logpsi: Callable
+    basis: jax.Array  # (D, N) int8
+    rows: jax.Array  # nonzeros of H, diagonal included
+    cols: jax.Array
+    vals: jax.Array
+    group: int
+
+    @classmethod
+    def build(cls, logpsi: Callable, ham: Hamiltonian, group: int) -> "ExactSampler":
+        h, states = sparse_hamiltonian(ham)
+        h = h.tocoo()  # rows sorted (from CSR)
+        return cls(logpsi, jnp.asarray(configs(states, ham.n_sites)), jnp.asarray(h.row),
+                   jnp.asarray(h.col), jnp.asarray(h.data), group)
+
+    def run(self, params, chains: jax.Array, keys: jax.Array, n_per_chain: int) -> tuple[jax.Array, Samples]:
+        """n_per_chain independent samples per chain; the chains become their last samples."""
+        return _draw(self.logpsi, n_per_chain, self.group, self.basis, self.rows, self.cols,
+                     self.vals, params, keys)
+
+
+@partial(jax.jit, static_argnames=("logpsi", "n_per_chain", "group"))
+def _draw(logpsi: Callable, n_per_chain: int, group: int, basis: jax.Array, rows: jax.Array,
+          cols: jax.Array, vals: jax.Array, params, keys: jax.Array) -> tuple[jax.Array, Samples]:
+    lp = apply_chunked(logpsi, params, basis, group)
+    cdf = jnp.cumsum(jnp.exp(2.0 * (lp.real - lp.real.max())))
+    u = jax.vmap(lambda k: jax.random.uniform(k, (n_per_chain,), dtype=jnp.float64))(keys)
+    idx = jnp.minimum(jnp.searchsorted(cdf, u.T * cdf[-1], side="right"), len(cdf) - 1)  # (S, C)
+    eloc = jax.ops.segment_sum(vals * jnp.exp(lp[cols] - lp[rows]), rows,
+                               num_segments=len(cdf), indices_are_sorted=True)
+    s = basis[idx]
+    n = jnp.asarray(idx.size, jnp.int64)
+    return s[-1], Samples(s.reshape(-1, basis.shape[1]), lp[idx].reshape(-1), n, n,
+                          eloc[idx].reshape(-1))

@@ -78,7 +78,10 @@ class VariationalState:
 
     # ---- estimation ------------------------------------------------------------------------
     def local_energies(self, samples: Samples) -> jax.Array:
-        """Complex local energies (total, not per site) of the samples."""
+        """Complex local energies (total, not per site) of the samples (those the sampler
+        computed with them, if it did)."""
+        if samples.eloc is not None:
+            return samples.eloc
         sys = self.system
         return local_energies(sys.hamiltonian, sys.logpsi, self.params, samples.s, samples.logpsi,
                               sys.chunk)

@@ -10,11 +10,11 @@ import jax
 import numpy as np
 
 from .budget import forward_chunk, jacobian_chunk
-from .config import Config, Symmetry
+from .config import Config, SamplerKind, Symmetry
 from .hamiltonian import Hamiltonian
 from .lattice import Lattice
 from .models import ViT, group, n_params, project
-from .sampler import ExchangeSampler
+from .sampler import ExactSampler, ExchangeSampler
 
 
 def _apply(model: ViT, params, s):
@@ -37,7 +37,7 @@ class System:
     hamiltonian: Hamiltonian
     model: ViT
     logpsi: Callable
-    sampler: ExchangeSampler
+    sampler: ExchangeSampler | ExactSampler
     chunk: int  # configurations per forward pass (budget.forward_chunk)
     jacobian_chunk: int  # samples per Jacobian chunk, 0: all at once (budget.jacobian_chunk)
 
@@ -54,7 +54,8 @@ class System:
             [lat.bonds1, lat.bonds2])
         platform = jax.default_backend()
         chunk = forward_chunk(cfg, platform)
-        sampler = ExchangeSampler(logpsi, moves, cfg.sampler.sweep_size or lat.n_sites, chunk)
+        sampler = (ExactSampler.build(logpsi, ham, chunk) if cfg.sampler.kind == SamplerKind.exact
+                   else ExchangeSampler(logpsi, moves, cfg.sampler.sweep_size or lat.n_sites, chunk))
         return cls(cfg, lat, ham, model, logpsi, sampler, chunk, jacobian_chunk(cfg, platform))
 
     def with_symmetry(self, symmetry: str) -> "System":

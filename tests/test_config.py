@@ -28,6 +28,7 @@ BAD = [
     ({"sampler.n_samples": 1000}, "sampler.n_samples=1000: not a multiple of sampler.n_chains=1024"),
     ({"sampler.n_samples_final": 100}, "sampler.n_samples_final=100"),
     ({"sampler.n_thermalize": -1}, "sampler.n_thermalize=-1"),
+    ({"sampler.kind": "exact", "lattice.L": 6}, "sampler.kind='exact': enumerates the Sz = 0 sector"),
     ({"optimizer.solver": "qr"}, "optimizer.solver='qr': Invalid value 'qr'"),
     ({"optimizer.lr": 0.0}, "optimizer.lr=0.0: must be positive"),
     ({"optimizer.lr": float("inf")}, "optimizer.lr=inf: must be finite"),

@@ -1,4 +1,5 @@
-"""The exchange sampler reproduces |psi|^2 (chi-square on the enumerable 4x4 Sz=0 space)."""
+"""Both samplers reproduce |psi|^2 (chi-square on the enumerable 4x4 Sz=0 space); the exact one's
+local energies are those of the forward passes."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,9 +7,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy import stats
 
 from pipeline import exact
+from pipeline.hamiltonian import local_energies
 from pipeline.sampler import INIT, STEP, THERMALIZE, chain_keys, init_chains
 
 from conftest import randomized, system_for
@@ -40,8 +43,9 @@ def _sample(system, params, n_chains=4096, n_per_chain=8):
     return np.asarray(smp.s), smp
 
 
-def test_sampler_histogram_matches_psi_squared() -> None:
-    system = system_for(**{"sampler.sweep_size": 32})
+@pytest.mark.parametrize("kind", ["exchange", "exact"])
+def test_sampler_histogram_matches_psi_squared(kind: str) -> None:
+    system = system_for(**{"sampler.sweep_size": 32, "sampler.kind": kind})
     params = randomized(system.init_params(0), jax.random.PRNGKey(5), 0.15)
     states, p = _probabilities(system, params)
     assert p.max() / p.min() > 100  # a far-from-uniform distribution
@@ -57,12 +61,31 @@ def test_sampler_histogram_matches_psi_squared() -> None:
     uniform = np.bincount(bin_of, minlength=N_BINS) / len(p)
     _, p_uniform = stats.chisquare(observed, uniform * len(idx))
     assert p_uniform < 1e-10
-    assert 0 < float(smp.accepted) / float(smp.proposed) < 1
+    if kind == "exchange":
+        assert 0 < float(smp.accepted) / float(smp.proposed) < 1
+    else:  # independent draws: every one is a new sample
+        assert float(smp.accepted) == float(smp.proposed) == len(s)
 
 
-def test_samples_do_not_depend_on_how_chains_are_split() -> None:
+def test_exact_sampler_local_energies_are_those_of_the_forward_passes() -> None:
+    """The exact sampler's local energies (sparse Hamiltonian over the amplitude table) equal the
+    exchange path's (a forward pass per connected configuration), Marshall sign on and off, and
+    its log psi is that of the network."""
+    for marshall in (True, False):
+        system = system_for(**{"sampler.kind": "exact", "hamiltonian.marshall_sign": marshall})
+        params = randomized(system.init_params(1), jax.random.PRNGKey(2), 0.3)
+        ids = jnp.arange(16)
+        _, smp = system.sampler.run(params, None, chain_keys(0, STEP, 0, ids), 4)
+        np.testing.assert_allclose(smp.logpsi, system.logpsi(params, smp.s), rtol=0, atol=1e-10)
+        reference = local_energies(system.hamiltonian, system.logpsi, params, smp.s, smp.logpsi)
+        np.testing.assert_allclose(smp.eloc, reference, rtol=1e-10, atol=1e-10)
+        assert np.ptp(np.asarray(reference).real) > 0.1  # not a trivial constant
+
+
+@pytest.mark.parametrize("kind", ["exchange", "exact"])
+def test_samples_do_not_depend_on_how_chains_are_split(kind: str) -> None:
     """Chain g gets the same stream whether simulated alone or in a batch: rank-count invariance."""
-    system = system_for()
+    system = system_for(**{"sampler.kind": kind})
     params = system.init_params(0)
     ids = jnp.arange(8)
     chains = init_chains(chain_keys(0, INIT, 0, ids), 16)

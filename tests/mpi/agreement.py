@@ -3,8 +3,8 @@ this was launched with, and save energies and parameters (rank 0) per case, for 
 rank counts. All cases in one process: one start-up (imports, MPI, the shared compilations) per
 rank count instead of one per case.
 
-usage: [mpirun -n K] python agreement.py OUT_DIR N_STEPS SOLVER:GRAM_DTYPE:GRAM_BUILD ...
-writes OUT_DIR/SOLVER-GRAM_DTYPE-GRAM_BUILD.npz for each case
+usage: [mpirun -n K] python agreement.py OUT_DIR N_STEPS SOLVER:GRAM_DTYPE:GRAM_BUILD:SAMPLER ...
+writes OUT_DIR/SOLVER-GRAM_DTYPE-GRAM_BUILD-SAMPLER.npz for each case
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from pipeline.system import System
 MAX_STEP = 0.05  # binds on some of the steps (test_mpi checks that it does)
 
 
-def config(solver: str, n_steps: int, gram_dtype: str, gram_build: str) -> Config:
+def config(solver: str, n_steps: int, gram_dtype: str, gram_build: str, sampler: str) -> Config:
     c = Config()
+    c.sampler.kind = sampler  # exact: every rank evaluates the whole table, draws its own chains
     c.model.d, c.model.heads = 8, 2
     c.sampler.n_samples, c.sampler.n_chains, c.sampler.n_thermalize = 192, 96, 4  # 96: 1, 2, 3 ranks
     c.sampler.n_samples_final = 192
@@ -59,9 +60,9 @@ def main(out_dir: str, n_steps: str, *cases: str) -> None:
     compile_cache.enable("auto")  # the suite's (VITNQS_COMPILE_CACHE), as the jobs use
     with dist.abort_on_error():
         for case in cases:
-            solver, gram_dtype, gram_build = case.split(":")
+            solver, gram_dtype, gram_build, sampler = case.split(":")
             run_case(os.path.join(out_dir, case.replace(":", "-") + ".npz"),
-                     config(solver, int(n_steps), gram_dtype, gram_build))
+                     config(solver, int(n_steps), gram_dtype, gram_build, sampler))
 
 
 if __name__ == "__main__":
