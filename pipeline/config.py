@@ -137,7 +137,6 @@ class OptimizerConfig:
     phase_scale: float = 1.0  # phase time step / amplitude time step (1: plain SR)
     phase_scale_final: float = 1.0  # decays geometrically to this value, like diag_shift
     max_step: float = 0.0  # trust region: longest update, lr sqrt(d^T S d) (0: no limit)
-    clip_local_energy: float = 0.0  # SR force: E_loc pulled to within this many mean absolute deviations (0: off)
     gram_dtype: GramDtype = GramDtype.float64  # kernel solvers: X X^T accumulated in this dtype
     gram_build: GramBuild = GramBuild.blas  # kernel solvers on CPU: X X^T by host BLAS or XLA
     cg_tol: float = 1e-6
@@ -301,8 +300,6 @@ def validate(cfg: DictConfig | Config, n_ranks: int = 1) -> Config:
     _require(0 <= o.momentum < 1, "optimizer.momentum", o.momentum, "must be in [0, 1)")
     _require(math.isfinite(o.max_step) and o.max_step >= 0, "optimizer.max_step", o.max_step,
              "must be finite and >= 0 (0: no limit)")
-    _require(math.isfinite(o.clip_local_energy) and o.clip_local_energy >= 0,
-             "optimizer.clip_local_energy", o.clip_local_energy, "must be finite and >= 0 (0: off)")
     _require(o.cg_maxiter > 0, "optimizer.cg_maxiter", o.cg_maxiter, "must be positive")
     _require(r.n_iter > 0, "run.n_iter", r.n_iter, "must be positive")
     _require(0 <= r.seed < SEED_LIMIT, "run.seed", r.seed, "must be in [0, 2^63)")

@@ -131,20 +131,6 @@ def log_derivatives(logpsi: Callable, params, s: jax.Array, chunk: int = 0) -> j
     return J[0] + 1j * J[1]
 
 
-@partial(jax.jit, static_argnames=("n_total",))
-def clip_local_energies(eloc: jax.Array, n_total: int, width: jax.Array | float) -> jax.Array:
-    """The local energies the SR force sees, outliers pulled in: an E_loc farther than `width`
-    mean absolute deviations from the mean (over all ranks' samples) is moved radially, in the
-    complex plane, onto that distance (the clipping of the gradient's local energies of
-    continuum-QMC codes, with the mean as centre so that it needs only all-reduced sums). Rare
-    configurations of tiny |psi| with huge |E_loc| then no longer dominate one step's force;
-    the energy a step records is the unclipped mean."""
-    mean = dist.allreduce_sum(eloc.sum()) / n_total
-    dev = eloc - mean
-    limit = width * dist.allreduce_sum(jnp.abs(dev).sum()) / n_total
-    return mean + dev * jnp.minimum(1.0, limit / jnp.maximum(jnp.abs(dev), jnp.finfo(jnp.float64).tiny))
-
-
 def _rows(eloc: jax.Array, n_total: int, phase_scale: jax.Array | float) -> jax.Array:
     """e: the rows Re dE of all samples, then kappa Im dE, matching X."""
     dE = eloc - dist.allreduce_sum(eloc.sum()) / n_total
@@ -560,8 +546,6 @@ class Preconditioner:
         went from E/N = -0.578 to NaN in 9 steps without it)."""
         o = self.config
         lr, shift, kappa = (float(x) for x in self._schedules(step))
-        if o.clip_local_energy > 0:
-            eloc = clip_local_energies(eloc, self.n_total, o.clip_local_energy)
         d, info = direction(logpsi, params, s, eloc, self.n_total, jnp.asarray(shift),
                             jnp.asarray(kappa), self.solver, self.chunk, o.cg_tol, o.cg_maxiter,
                             state.previous, jnp.asarray(o.momentum), str(o.gram_dtype),

@@ -39,7 +39,6 @@ BAD = [
     ({"optimizer.cg_maxiter": 0}, "optimizer.cg_maxiter=0"),
     ({"optimizer.momentum": 1.0}, "optimizer.momentum=1.0: must be in [0, 1)"),
     ({"optimizer.max_step": -0.1}, "optimizer.max_step=-0.1: must be finite and >= 0"),
-    ({"optimizer.clip_local_energy": -1.0}, "optimizer.clip_local_energy=-1.0: must be finite and >= 0"),
     ({"optimizer.phase_scale": 0.0}, "optimizer.phase_scale=0.0: must be positive"),
     ({"run.n_iter": 0}, "run.n_iter=0: must be positive"),
     ({"run.n_iter": -5}, "run.n_iter=-5"),
@@ -247,8 +246,7 @@ def test_memory_estimate_covers_the_final_measurement_and_caps_the_jacobian_chun
 
 
 def test_resume_accepts_checkpoints_written_before_a_key_existed() -> None:
-    """A key added later (here run.finetune_steps, sampler.final_symmetry, optimizer.max_step,
-    optimizer.clip_local_energy, sampler.kind) counts as its default
+    """A key added later (here run.finetune_steps, sampler.final_symmetry, optimizer.max_step) counts as its default
     in an older checkpoint's config; a non-default value is still a difference."""
     import yaml
 
@@ -257,7 +255,7 @@ def test_resume_accepts_checkpoints_written_before_a_key_existed() -> None:
     current = make_config()
     old = yaml.safe_load(to_yaml(current))
     del old["run"]["finetune_steps"], old["sampler"]["final_symmetry"]
-    del old["optimizer"]["max_step"], old["optimizer"]["clip_local_energy"], old["sampler"]["kind"]
+    del old["optimizer"]["max_step"]
     assert config_differences(yaml.safe_dump(old), current) == []
     changed = make_config(**{"run.finetune_steps": 5})
     assert config_differences(yaml.safe_dump(old), changed) == ["run.finetune_steps: 0 -> 5"]

@@ -201,24 +201,3 @@ def test_auto_solver_choice() -> None:
     assert solver == "kernel" and "P=3368 > 2 N_tot=2048" in why
     assert sr.choose_solver("auto", 50000, 8192)[0] == "cg"
     assert sr.choose_solver("cg", 500, 1024) == ("cg", "optimizer.solver=cg")
-
-
-def test_clipped_local_energies_move_only_the_outliers_onto_the_limit() -> None:
-    """optimizer.clip_local_energy: values within width x (mean absolute deviation) of the mean
-    are unchanged, the others land on that distance in their own direction; a width beyond the
-    largest deviation changes nothing."""
-    rng = np.random.default_rng(3)
-    E = rng.normal(size=256) + 1j * rng.normal(size=256)
-    E[[5, 77]] = [40.0 + 3.0j, -25.0 - 30.0j]  # two outliers
-    mean = E.mean()
-    dev = E - mean
-    limit = 3.0 * np.abs(dev).mean()
-    out = np.asarray(sr.clip_local_energies(jnp.asarray(E), len(E), 3.0))
-    inside = np.abs(dev) <= limit
-    assert 2 <= (~inside).sum() < 20
-    np.testing.assert_allclose(out[inside], E[inside], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(np.abs(out[~inside] - mean), limit, rtol=1e-12)
-    np.testing.assert_allclose(np.angle(out[~inside] - mean), np.angle(dev[~inside]), atol=1e-12)
-    wide = np.abs(dev).max() / np.abs(dev).mean() + 1
-    np.testing.assert_allclose(np.asarray(sr.clip_local_energies(jnp.asarray(E), len(E), wide)), E,
-                               rtol=0, atol=1e-12)
