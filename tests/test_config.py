@@ -246,7 +246,8 @@ def test_memory_estimate_covers_the_final_measurement_and_caps_the_jacobian_chun
 
 
 def test_resume_accepts_checkpoints_written_before_a_key_existed() -> None:
-    """A key added later (here run.finetune_steps, sampler.final_symmetry, optimizer.max_step) counts as its default
+    """A key added later (here run.finetune_steps, sampler.final_symmetry, optimizer.max_step,
+    sampler.kind) counts as its default
     in an older checkpoint's config; a non-default value is still a difference."""
     import yaml
 
@@ -255,7 +256,7 @@ def test_resume_accepts_checkpoints_written_before_a_key_existed() -> None:
     current = make_config()
     old = yaml.safe_load(to_yaml(current))
     del old["run"]["finetune_steps"], old["sampler"]["final_symmetry"]
-    del old["optimizer"]["max_step"]
+    del old["optimizer"]["max_step"], old["sampler"]["kind"]
     assert config_differences(yaml.safe_dump(old), current) == []
     changed = make_config(**{"run.finetune_steps": 5})
     assert config_differences(yaml.safe_dump(old), changed) == ["run.finetune_steps: 0 -> 5"]
