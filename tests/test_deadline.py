@@ -217,23 +217,32 @@ def test_accuracy_benchmark_with_a_warm_start_keeps_its_budget(tmp_path) -> None
 
 
 def test_accuracy_benchmark_with_exact_final_energies_keeps_its_budget(tmp_path) -> None:
-    """`scripts/bench_accuracy --size 4` (exact final energies by default there) on a small model
-    and a 0.6-minute budget: inside it, with exact energies above the exact ground state and
-    relative errors computed from them."""
+    """`scripts/bench_accuracy --size 4 --warm 0.3 --warm-j2 0.55` (exact final energies by
+    default there) on a small model and a 0.8-minute budget: the warm start at the other coupling
+    and the run at J2 = 0.5 both step inside it, with exact energies above the exact ground state
+    and relative errors computed from them."""
     out = tmp_path / "rows.json"
     small = ["model.d=8", "model.heads=2", "sampler.n_samples=256", "sampler.n_chains=128"]
-    proc = subprocess.run([sys.executable, "scripts/bench_accuracy.py", "--minutes", "0.6",
-                           "--kinds", "factored", "--json", str(out), *small],
+    proc = subprocess.run([sys.executable, "scripts/bench_accuracy.py", "--minutes", "0.8",
+                           "--kinds", "factored", "--warm", "0.3", "--warm-j2", "0.55",
+                           "--json", str(out), *small],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (row,) = json.loads(out.read_text())
     e0 = -0.5286202095
     assert row["measure"] == "exact" and row["final_samples"] == row["projected_samples"] == 12870
-    assert row["wall_minutes"] <= 0.6 + 0.05 and row["steps"] > 2, row
+    assert (row["J2"], row["warm_j2"]) == (0.5, 0.55), row
+    assert row["wall_minutes"] <= 0.8 + 0.05 and row["steps"] > 2 and row["warm_steps"] > 2, row
     for e, err, rel in (("energy_per_site", "energy_error", "relative_error"),
                         ("projected_energy", "projected_error", "projected_relative_error")):
         assert row[e] > e0 and row[err] == 0.0, row
         assert row[rel] == pytest.approx((row[e] - e0) / -e0, rel=1e-6), row
+
+
+def test_accuracy_benchmark_refuses_a_warm_coupling_without_a_warm_share() -> None:
+    proc = subprocess.run([sys.executable, "scripts/bench_accuracy.py", "--warm-j2", "0.55"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--warm-j2 0.55 needs --warm F with F > 0" in proc.stderr, proc
 
 
 def test_budgeted_training_rolls_back_a_blown_up_step() -> None:

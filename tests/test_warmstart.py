@@ -66,6 +66,26 @@ def test_warm_started_6x6_has_the_mapped_weights_and_a_lower_energy(source, tmp_
     assert e_warm < e_cold - 0.02, (e_warm, e_cold)
 
 
+def test_a_run_at_another_coupling_starts_from_the_source_parameters(source, tmp_path) -> None:
+    """A coupling continuation on the same lattice (the source trained at J2 = 0.5, the run at
+    J2 = 0.45): every parameter is the source's, and the exact energy at the new coupling starts
+    below a random state's."""
+    from pipeline import exact
+
+    src_dir, kind = source
+    target = system_for(**{"model.d": 8, "model.attention": kind, "hamiltonian.J2": 0.45})
+    params, _, step = warmstart.load(str(src_dir), str(tmp_path / "x"), target)
+    snap = checkpoint.newest_good(os.path.join(src_dir, "checkpoints"), *Driver(target).templates(),
+                                  lambda y: None)
+    assert step == snap.step == 30
+    for a, b in zip(_leaves(snap.params), _leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    h, states = exact.sparse_hamiltonian(target.hamiltonian)
+    vector = exact.state_vector(target.logpsi, states, target.n_sites)
+    energy = lambda p: exact.expectation(h, vector(p), target.n_sites)["energy_per_site"]  # noqa: E731
+    assert energy(params) < energy(target.init_params(0)) - 0.02
+
+
 def _leaves(tree):
     import jax
 
