@@ -228,7 +228,7 @@ def report(rows: list[dict], minutes: float) -> None:
                f"{r['final_samples']} samples, {r['projected_samples']} fully projected")
         tail = (f"; {r['finetune_steps']} of them fine-tuning, {r['seconds_per_finetune_step']:.1f} s "
                 f"each" if r["finetune_steps"] else "")
-        at = f" at J2 = {r['warm_j2']:g}" if r.get("warm_j2") is not None else ""
+        at = f" at J2 = {r['warm_j2']:g}" if r["warm_j2"] is not None else ""
         print(f"{r['attention']} seed {r['seed']} warm {r['warm']:g}{at}: {inside} the budget{tail}; warm-up "
               f"steps {r['warm_steps']}; final measurements {r['measure_seconds']:.0f} s "
               f"({how}); median "
