@@ -20,9 +20,12 @@ state, and training keeps that time (x SAFETY) for them. --measure mc forces the
 parameters start the large run (`pipeline.warmstart.map_params`, as run.init_from does).
 --warm-j2 X trains the warm start at J2 = X instead (on the same lattice with --size 4): a
 continuation in the coupling, from one where the Marshall-sign plateau is left to one where not.
+--warm-size S trains the warm start on S x S instead of 4x4 (4 <= S <= size; S = size, e.g. 6 with
+--size 6, is the continuation in the coupling on the lattice itself and needs --warm-j2).
 
 usage: python scripts/bench_accuracy.py [--size 4|6] [--minutes M] [--kinds factored,standard]
-           [--seeds 0,1,2,3] [--warm 0,0.2] [--warm-j2 X] [--measure auto|exact|mc]
+           [--seeds 0,1,2,3] [--warm 0,0.2] [--warm-j2 X] [--warm-size S]
+           [--measure auto|exact|mc]
            [--json FILE] [key=value ...]
 """
 from __future__ import annotations
@@ -60,10 +63,9 @@ def configure(size: int, kind: str, seed: int, overrides: list[str]):
 
 
 def warm_params(size: int, kind: str, seed: int, overrides: list[str], until: float, system,
-                warm_j2: float | None = None):
-    """Parameters for `system` from a run of the same model that ends at `until`: on 4x4 (the
-    same lattice when `size` is 4), at the coupling `warm_j2` when given (else the run's own)."""
-    small_L = min(WARM_L, size)
+                warm_j2: float | None, small_L: int):
+    """Parameters for `system` from a run of the same model that ends at `until`: on
+    small_L x small_L, at the coupling `warm_j2` when given (else the run's own)."""
     if warm_j2 is not None:
         overrides = [o for o in overrides if not o.startswith("hamiltonian.J2=")]
         overrides.append(f"hamiltonian.J2={warm_j2}")
@@ -149,13 +151,13 @@ def exact_measurements(system: System) -> Callable[[object], tuple[dict, dict]]:
 
 
 def bench(size: int, kind: str, seed: int, warm: float, minutes: float, exact_sums: bool,
-          overrides: list[str], warm_j2: float | None = None) -> dict:
+          overrides: list[str], warm_j2: float | None = None, warm_L: int = WARM_L) -> dict:
     start = time.perf_counter()
     end = start + minutes * 60
     cfg = configure(size, kind, seed, overrides)
     system = System.build(cfg)
     params, warm_steps = (warm_params(size, kind, seed, overrides, start + warm * minutes * 60, system,
-                                      warm_j2) if warm > 0 else (None, 0))
+                                      warm_j2, warm_L) if warm > 0 else (None, 0))
     driver = Driver(system)
     state = driver.fresh_state(params)
     ref = reference_energy(cfg, system.hamiltonian)
@@ -189,7 +191,7 @@ def bench(size: int, kind: str, seed: int, warm: float, minutes: float, exact_su
     else:
         final, projected = measurements(state, cfg, deadline, end, ref)
     return {"L": size, "attention": kind, "seed": seed, "warm": warm, "warm_steps": warm_steps,
-            "warm_j2": warm_j2 if warm > 0 else None,
+            "warm_j2": warm_j2 if warm > 0 else None, "warm_L": warm_L if warm > 0 else None,
             "measure": "exact" if exact_sums else "mc",
             "params": driver.n_params, "solver": driver.solver, "symmetry": cfg.model.symmetry,
             "J2": cfg.hamiltonian.J2, "steps": n_iter, "seconds_per_step": train_s / max(n_iter, 1),
@@ -228,7 +230,8 @@ def report(rows: list[dict], minutes: float) -> None:
                f"{r['final_samples']} samples, {r['projected_samples']} fully projected")
         tail = (f"; {r['finetune_steps']} of them fine-tuning, {r['seconds_per_finetune_step']:.1f} s "
                 f"each" if r["finetune_steps"] else "")
-        at = f" at J2 = {r['warm_j2']:g}" if r["warm_j2"] is not None else ""
+        at = (f" on {r['warm_L']}x{r['warm_L']}" if r.get("warm_L") else "") + \
+            (f" at J2 = {r['warm_j2']:g}" if r["warm_j2"] is not None else "")
         print(f"{r['attention']} seed {r['seed']} warm {r['warm']:g}{at}: {inside} the budget{tail}; warm-up "
               f"steps {r['warm_steps']}; final measurements {r['measure_seconds']:.0f} s "
               f"({how}); median "
@@ -250,6 +253,8 @@ def main() -> None:
     ap.add_argument("--warm", default="0", help="fractions of the budget for a 4x4 warm start")
     ap.add_argument("--warm-j2", type=float, help="coupling of the warm start (default: the run's; "
                     "with --size 4 the warm start is on the same lattice)")
+    ap.add_argument("--warm-size", type=int, help=f"lattice size of the warm start (default: "
+                    f"{WARM_L}, at most --size)")
     ap.add_argument("--measure", default="auto", choices=("auto", "exact", "mc"),
                     help="final energies by exact sums or by sampling (auto: exact where the "
                          f"lattice has at most {exact.MAX_SITES} sites)")
@@ -260,9 +265,12 @@ def main() -> None:
     warms = [float(w) for w in args.warm.split(",")]
     if args.warm_j2 is not None and not any(warms):
         ap.error(f"--warm-j2 {args.warm_j2:g} needs --warm F with F > 0 (the budget's share for it)")
-    if args.size == WARM_L and any(warms) and args.warm_j2 is None:
-        ap.error(f"--warm needs --size > {WARM_L} (the warm start trains on {WARM_L}x{WARM_L}) "
-                 "or --warm-j2 (a warm start at another coupling)")
+    warm_L = args.warm_size or min(WARM_L, args.size)
+    if not WARM_L <= warm_L <= args.size:
+        ap.error(f"--warm-size {warm_L} must be from {WARM_L} to --size ({args.size})")
+    if warm_L == args.size and any(warms) and args.warm_j2 is None:
+        ap.error(f"--warm on the run's own lattice ({warm_L}x{warm_L}) needs --warm-j2 (a warm "
+                 f"start at another coupling) or --warm-size below {args.size}")
     small = args.size ** 2 <= exact.MAX_SITES
     if args.measure == "exact" and not small:
         ap.error(f"--measure exact needs at most {exact.MAX_SITES} sites; {args.size}x{args.size} "
@@ -276,7 +284,7 @@ def main() -> None:
         for warm in warms:
             for seed in (int(s) for s in args.seeds.split(",")):
                 rows.append(bench(args.size, kind, seed, warm, minutes, exact_sums, args.overrides,
-                                  args.warm_j2))
+                                  args.warm_j2, warm_L))
                 report(rows[-1:], minutes)
     print("\nall runs (E/N per site in S.S units; relative error against the reference table or "
           "exact diagonalization):")

@@ -239,10 +239,17 @@ def test_accuracy_benchmark_with_exact_final_energies_keeps_its_budget(tmp_path)
         assert row[rel] == pytest.approx((row[e] - e0) / -e0, rel=1e-6), row
 
 
-def test_accuracy_benchmark_refuses_a_warm_coupling_without_a_warm_share() -> None:
-    proc = subprocess.run([sys.executable, "scripts/bench_accuracy.py", "--warm-j2", "0.55"],
+@pytest.mark.parametrize("args, message", [
+    (["--warm-j2", "0.55"], "--warm-j2 0.55 needs --warm F with F > 0"),
+    (["--size", "6", "--warm", "0.2", "--warm-size", "6"],
+     "--warm on the run's own lattice (6x6) needs --warm-j2"),
+    (["--size", "4", "--warm", "0.2", "--warm-j2", "0.55", "--warm-size", "6"],
+     "--warm-size 6 must be from 4 to --size (4)"),
+])
+def test_accuracy_benchmark_refuses_warm_starts_that_do_not_warm(args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "scripts/bench_accuracy.py", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--warm-j2 0.55 needs --warm F with F > 0" in proc.stderr, proc
+    assert proc.returncode == 2 and message in proc.stderr, proc
 
 
 def test_budgeted_training_rolls_back_a_blown_up_step() -> None:
