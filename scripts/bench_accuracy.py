@@ -151,7 +151,7 @@ def exact_measurements(system: System) -> Callable[[object], tuple[dict, dict]]:
 
 
 def bench(size: int, kind: str, seed: int, warm: float, minutes: float, exact_sums: bool,
-          overrides: list[str], warm_j2: float | None = None, warm_L: int = WARM_L) -> dict:
+          overrides: list[str], warm_j2: float | None, warm_L: int) -> dict:
     start = time.perf_counter()
     end = start + minutes * 60
     cfg = configure(size, kind, seed, overrides)
@@ -230,7 +230,7 @@ def report(rows: list[dict], minutes: float) -> None:
                f"{r['final_samples']} samples, {r['projected_samples']} fully projected")
         tail = (f"; {r['finetune_steps']} of them fine-tuning, {r['seconds_per_finetune_step']:.1f} s "
                 f"each" if r["finetune_steps"] else "")
-        at = (f" on {r['warm_L']}x{r['warm_L']}" if r.get("warm_L") else "") + \
+        at = (f" on {r['warm_L']}x{r['warm_L']}" if r["warm_L"] is not None else "") + \
             (f" at J2 = {r['warm_j2']:g}" if r["warm_j2"] is not None else "")
         print(f"{r['attention']} seed {r['seed']} warm {r['warm']:g}{at}: {inside} the budget{tail}; warm-up "
               f"steps {r['warm_steps']}; final measurements {r['measure_seconds']:.0f} s "
@@ -250,7 +250,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, help="budget per run (default: 15 for 4x4, 60 for 6x6)")
     ap.add_argument("--kinds", default="factored,standard")
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--warm", default="0", help="fractions of the budget for a 4x4 warm start")
+    ap.add_argument("--warm", default="0", help="fractions of the budget for a warm start (on 4x4 unless --warm-size)")
     ap.add_argument("--warm-j2", type=float, help="coupling of the warm start (default: the run's; "
                     "with --size 4 the warm start is on the same lattice)")
     ap.add_argument("--warm-size", type=int, help=f"lattice size of the warm start (default: "
@@ -265,7 +265,7 @@ def main() -> None:
     warms = [float(w) for w in args.warm.split(",")]
     if args.warm_j2 is not None and not any(warms):
         ap.error(f"--warm-j2 {args.warm_j2:g} needs --warm F with F > 0 (the budget's share for it)")
-    warm_L = args.warm_size or min(WARM_L, args.size)
+    warm_L = min(WARM_L, args.size) if args.warm_size is None else args.warm_size
     if not WARM_L <= warm_L <= args.size:
         ap.error(f"--warm-size {warm_L} must be from {WARM_L} to --size ({args.size})")
     if warm_L == args.size and any(warms) and args.warm_j2 is None:
