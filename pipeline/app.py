@@ -64,7 +64,7 @@ def restore_or_fresh(driver: Driver, ckpt_dir: str) -> RunState:
     log.info("resumed from step %d", value.step)
     sr_state = jax.tree_util.tree_map(jnp.asarray, value.opt_state)
     return RunState(value.step, restore_vstate(driver.system, value), SRState(*sr_state),
-                    value.rollbacks)
+                    value.rollbacks, value.energy_floor)
 
 
 def restore_vstate(system: System, snap: checkpoint.Snapshot) -> VariationalState:

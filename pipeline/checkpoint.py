@@ -1,15 +1,15 @@
 """HDF5 checkpoints of the whole run state, written atomically, discovered newest-good-first.
 
 A checkpoint holds exactly the run state (step, parameters, SR state, every rank's chains
-gathered in global chain order, the rollback count) plus provenance (resolved config, versions,
-code version, rank count). RNG keys are not stored: they are derived from (seed, purpose, step,
+gathered in global chain order, the rollback count, the energy floor) plus provenance (resolved
+config, versions, code version, rank count). RNG keys are not stored: they are derived from (seed, purpose, step,
 global chain index), so the state above determines the rest of the run.
 
 Writing (rank 0): a temporary file in the same directory, flushed and fsynced, then renamed
 into place; the newest `keep` sound files are kept (unreadable ones do not count, and the file
-just written is never pruned). A `sha256` over every field (arrays, step, rollback count, config)
-and a `complete` mark (written last) let `newest_good` skip truncated or corrupt files in favour of
-older ones.
+just written is never pruned). A `sha256` over every field (arrays, step, rollback count, energy
+floor, config) and a `complete` mark (written last) let `newest_good` skip truncated or corrupt
+files in favour of older ones.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ __all__ = ["CheckpointCorrupt", "CheckpointError", "CheckpointIncompatible", "Sn
            "read", "newest_good", "list_checkpoints", "path_for", "FORMAT_VERSION"]
 
 # 2: the rollback count replaces the learning-rate scale; the checksum covers every field.
-FORMAT_VERSION = 2
+# 3: the energy floor of the collapse test (`driver.RunState.energy_floor`); older files: none yet.
+FORMAT_VERSION = 3
 PATTERN = re.compile(r"ckpt_(\d{8})\.h5$")
 
 
@@ -47,14 +48,16 @@ class Snapshot:
     chains: np.ndarray  # (n_chains_total, N) int8, global chain order
     rollbacks: int
     config_yaml: str
+    energy_floor: float = math.inf  # lowest E/N + 2 errors so far (driver.Driver.collapsed)
 
 
 def _leaves(tree: Any) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-def _header(step: int, rollbacks: int, config_yaml: str) -> bytes:
-    return json.dumps([step, rollbacks, config_yaml]).encode()
+def _header(step: int, rollbacks: int, config_yaml: str, *floor: float) -> bytes:
+    """The scalar fields under the checksum (`floor` from format 3 on)."""
+    return json.dumps([step, rollbacks, config_yaml, *floor]).encode()
 
 
 def _digest(arrays: list[np.ndarray], header: bytes) -> str:
@@ -87,10 +90,11 @@ def write(directory: str, snap: Snapshot, meta: dict[str, Any], keep: int) -> st
             for i, a in enumerate(arrays):
                 g.create_dataset(f"{i:04d}", data=a)
         f.attrs.update({"format_version": FORMAT_VERSION, "step": snap.step,
-                        "rollbacks": snap.rollbacks, "config": snap.config_yaml,
-                        "meta": json.dumps(meta, sort_keys=True),
+                        "rollbacks": snap.rollbacks, "energy_floor": snap.energy_floor,
+                        "config": snap.config_yaml, "meta": json.dumps(meta, sort_keys=True),
                         "sha256": _digest([a for arrays in payload.values() for a in arrays],
-                                          _header(snap.step, snap.rollbacks, snap.config_yaml))})
+                                          _header(snap.step, snap.rollbacks, snap.config_yaml,
+                                                  snap.energy_floor))})
         f.attrs["complete"] = 1
 
     hdf5.write_atomically(final, fill)
@@ -144,7 +148,11 @@ def read(path: str, params_like: Any, opt_state_like: Any,
                 raise CheckpointCorrupt(f"{path}: incomplete (no completeness mark)")
             groups = {g: [f[g][k][...] for k in sorted(f[g])] for g in ("params", "opt_state", "chains")}
             step, config_yaml = int(f.attrs["step"]), str(f.attrs["config"])
-            if version >= 2:
+            floor = math.inf  # before format 3: no floor yet, the first step sets it
+            if version >= 3:
+                rollbacks, floor = int(f.attrs["rollbacks"]), float(f.attrs["energy_floor"])
+                header = _header(step, rollbacks, config_yaml, floor)
+            elif version == 2:
                 rollbacks = int(f.attrs["rollbacks"])
                 header = _header(step, rollbacks, config_yaml)
             else:  # format 1: lr_scale = 0.5 ** rollbacks, a checksum over the arrays only
@@ -161,7 +169,7 @@ def read(path: str, params_like: Any, opt_state_like: Any,
     check_config(config_yaml)
     params = _restore(path, "params", groups["params"], params_like)
     opt_state = _restore(path, "opt_state", groups["opt_state"], opt_state_like)
-    return Snapshot(step, params, opt_state, groups["chains"][0], rollbacks, config_yaml)
+    return Snapshot(step, params, opt_state, groups["chains"][0], rollbacks, config_yaml, floor)
 
 
 def _restore(path: str, what: str, arrays: list[np.ndarray], like: Any) -> Any:

@@ -153,7 +153,8 @@ class RunConfig:
     n_iter: int = 300
     seed: int = 0
     allow_changed: list = field(default_factory=list)  # keys that may differ on resume
-    max_rollbacks: int = 3  # rollbacks after a non-finite step, per run (kept in checkpoints)
+    max_rollbacks: int = 3  # rollbacks after a failed step, per run (kept in checkpoints)
+    max_rise: float = 0.02  # a step whose E/N rose this fraction of |lowest| above it failed (0: off)
     steps_per_job: int = 0  # stop (with a checkpoint) after this many steps in one job; 0: no limit
     init_from: Optional[str] = None  # warm start from this run directory's checkpoint (warmstart.py)
     finetune_steps: int = 0  # the last steps: projection 'full' at optimizer.lr_final (driver.py)
@@ -307,6 +308,8 @@ def validate(cfg: DictConfig | Config, n_ranks: int = 1) -> Config:
     _require(0 <= r.finetune_steps < r.n_iter, "run.finetune_steps", r.finetune_steps,
              f"must be in [0, run.n_iter={r.n_iter})")
     _require(r.max_rollbacks >= 0, "run.max_rollbacks", r.max_rollbacks, "must be >= 0")
+    _require(math.isfinite(r.max_rise) and r.max_rise >= 0, "run.max_rise", r.max_rise,
+             "must be finite and >= 0 (0: off)")
     _require(c.analysis.every_steps >= 0, "analysis.every_steps", c.analysis.every_steps,
              "must be >= 0 (0: off)")
     _require(ck.every_steps > 0, "checkpoint.every_steps", ck.every_steps, "must be positive")
@@ -330,8 +333,8 @@ def to_yaml(c: Config) -> str:
 # change neither the model nor the trajectory (chunk sizes and where X X^T is built: round-off).
 ALWAYS_CHANGEABLE = ("analysis.", "checkpoint.", "launcher.", "model.chunk_size",
                      "optimizer.gram_build", "sampler.n_samples_final",
-                     "run.allow_changed", "run.max_rollbacks", "run.steps_per_job",
-                     "run.init_from", "run.compile_cache")
+                     "run.allow_changed", "run.max_rollbacks", "run.max_rise",
+                     "run.steps_per_job", "run.init_from", "run.compile_cache")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -3,10 +3,12 @@
 The loop only orchestrates: the `VariationalState` samples and estimates, the SR `Preconditioner`
 turns samples into an update, hooks (see `hooks.py`) log, write results and checkpoints and watch
 for signals. The loop owns the rollback policy: a snapshot of the run state taken at step counts
-(the start of the job and every checkpoint.every_steps steps), to which a non-finite or exploding
-step returns with half the learning rate, at most run.max_rollbacks times per run (the count is
-part of the run state, so checkpoints carry it across jobs). A hook stops the run by raising
-`StopRun`.
+(the start of the job and every checkpoint.every_steps steps), to which a failed step returns
+with half the learning rate, at most run.max_rollbacks times per run (the count is part of the
+run state, so checkpoints carry it across jobs). A step fails when its energy or the new
+parameters are non-finite, when its energy is beyond any physical bound, or when its energy rose
+far above the lowest seen so far (`collapsed`: a state that falls apart while its energy stays
+inside the bound). A hook stops the run by raising `StopRun`.
 """
 from __future__ import annotations
 
@@ -28,8 +30,12 @@ from .config import Symmetry
 from .system import System
 
 
+RISE_ERRORS = 10.0  # a collapse rises by more than this many of its step's error bars
+
+
 class NonFiniteEnergy(RuntimeError):
-    """The energy or the parameters became non-finite (or blew up) and retries are exhausted."""
+    """The energy or the parameters became non-finite, blew up or collapsed, and retries are
+    exhausted."""
 
 
 class StopRun(Exception):
@@ -59,6 +65,9 @@ class RunState:
     vstate: VariationalState  # parameters and this rank's chains
     sr_state: SRState  # optimizer state and the previous direction
     rollbacks: int = 0  # rollbacks so far in this run
+    # min over the steps so far of E/N + 2 errors: the reference of `Driver.collapsed` (kept in
+    # checkpoints, so a resumed run judges its steps as the uninterrupted one would)
+    energy_floor: float = math.inf
 
     @property
     def lr_scale(self) -> float:
@@ -155,15 +164,36 @@ class Driver:
         return not (bool(_all_finite(params)) and math.isfinite(record.energy)
                     and abs(record.energy) <= 2 * bound)
 
+    def collapsed(self, record: StepRecord, floor: float) -> bool:
+        """The energy rose above `floor` (the run's lowest E/N + 2 errors) by more than
+        run.max_rise of |floor| and by more than RISE_ERRORS of its own error bars: far beyond
+        the noise of a healthy run (at most 0.2% and 2 error bars in the 6x6 runs measured),
+        where a rare large local energy inflates the error bar with the mean. run.max_rise = 0
+        turns the test off."""
+        rise, limit = record.energy - floor, self.cfg.run.max_rise
+        return limit > 0 and rise > max(limit * abs(floor), RISE_ERRORS * record.energy_error)
+
+    def failure(self, record: StepRecord, params, floor: float) -> str | None:
+        """Why the step that measured `record` and produced `params` failed, or None."""
+        if self.blown_up(record, params):
+            return "non-finite or exploding energy"
+        if self.collapsed(record, floor):
+            return (f"energy rose to E/N={record.energy:.6f} ± {record.energy_error:.6f} from a "
+                    f"floor of {floor:.6f} (collapse)")
+        return None
+
     def advance(self, state: RunState, snapshot: RunState
                 ) -> tuple[RunState, StepRecord | None, RunState]:
         """One step under the rollback policy: (new state, its record, snapshot), the snapshot
-        moved to the new state at every checkpoint.every_steps steps; after a blown-up step
+        moved to the new state at every checkpoint.every_steps steps; after a failed step
         (snapshot with one more rollback, None, snapshot). Every training loop steps through
         here (`run`, `deadline.train`)."""
         new, record = self.step(state)
-        if self.blown_up(record, new.vstate.params):
-            return self._rollback(state, snapshot, record), None, snapshot
+        reason = self.failure(record, new.vstate.params, state.energy_floor)
+        if reason:
+            return self._rollback(state, snapshot, record, reason), None, snapshot
+        new = replace(new, energy_floor=min(state.energy_floor,
+                                            record.energy + 2 * record.energy_error))
         return new, record, new if new.step % self.cfg.checkpoint.every_steps == 0 else snapshot
 
     # ---- the loop --------------------------------------------------------------------------
@@ -185,15 +215,16 @@ class Driver:
             h.on_run_end(state, final)
         return state, final
 
-    def _rollback(self, state: RunState, snapshot: RunState, record: StepRecord) -> RunState:
+    def _rollback(self, state: RunState, snapshot: RunState, record: StepRecord,
+                  reason: str) -> RunState:
         limit = self.cfg.run.max_rollbacks
         if state.rollbacks >= limit:
             raise NonFiniteEnergy(
-                f"non-finite or exploding energy at step {record.step} (E/N={record.energy}); "
+                f"{reason} at step {record.step} (E/N={record.energy}); "
                 f"gave up after {state.rollbacks} rollbacks. Lower optimizer.lr or raise "
                 "optimizer.diag_shift.")
         back = replace(snapshot, rollbacks=state.rollbacks + 1)
-        dist.print0(f"step {record.step}: non-finite or exploding energy; rolled back to step "
+        dist.print0(f"step {record.step}: {reason}; rolled back to step "
                     f"{back.step} with lr scale {back.lr_scale:g} (rollback {back.rollbacks}/{limit})")
         for h in self.hooks:
             h.on_rollback(back)

@@ -141,7 +141,7 @@ class CheckpointHook(BaseHook):
         chains = dist.gather_rows(np.asarray(state.vstate.chains))
         if dist.is_root():
             snap = checkpoint.Snapshot(state.step, state.vstate.params, state.sr_state, chains,
-                                       state.rollbacks, self.config_yaml)
+                                       state.rollbacks, self.config_yaml, state.energy_floor)
             path = checkpoint.write(self.directory, snap, self.meta | {"n_ranks": dist.size()},
                                     self.keep)
             log.info("checkpoint written: %s", path)

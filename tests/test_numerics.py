@@ -217,11 +217,12 @@ def test_unreadable_files_do_not_count_toward_keep(tmp_path) -> None:
     assert _names(tmp_path) == ["ckpt_00000004.h5", "ckpt_00000002.h5"]
 
 
-def test_checksum_covers_the_step_and_the_rollback_count(tmp_path) -> None:
+def test_checksum_covers_the_step_the_rollback_count_and_the_floor(tmp_path) -> None:
     import h5py
 
-    path = checkpoint.write(str(tmp_path), _snap(4), {}, keep=3)
-    for attr, value in (("rollbacks", 2), ("config", "config: 2\n")):
+    path = checkpoint.write(str(tmp_path), replace(_snap(4), energy_floor=-0.4375), {}, keep=3)
+    assert checkpoint.read(path, {"w": np.zeros(3)}, (np.zeros(2),)).energy_floor == -0.4375
+    for attr, value in (("rollbacks", 2), ("config", "config: 2\n"), ("energy_floor", -0.5)):
         with h5py.File(path, "r+") as f:
             old = f.attrs[attr]
             f.attrs[attr] = value
@@ -232,6 +233,21 @@ def test_checksum_covers_the_step_and_the_rollback_count(tmp_path) -> None:
     os.rename(path, checkpoint.path_for(str(tmp_path), 40))  # step in the name != payload
     with pytest.raises(checkpoint.CheckpointCorrupt, match="holds step 4"):
         checkpoint.read(checkpoint.path_for(str(tmp_path), 40), {"w": np.zeros(3)}, (np.zeros(2),))
+
+
+def test_format_2_checkpoints_are_read_without_a_floor(tmp_path) -> None:
+    """A checkpoint written before the energy floor (format 2) resumes with none: the first
+    step sets it, as in a fresh run."""
+    import h5py
+
+    path = checkpoint.write(str(tmp_path), _snap(4), {}, keep=3)
+    with h5py.File(path, "r+") as f:
+        del f.attrs["energy_floor"]
+        arrays = [f[g][k][...] for g in ("params", "opt_state", "chains") for k in sorted(f[g])]
+        f.attrs["format_version"] = 2
+        f.attrs["sha256"] = checkpoint._digest(arrays, checkpoint._header(4, 0, "config: 1\n"))
+    snap = checkpoint.read(path, {"w": np.zeros(3)}, (np.zeros(2),))
+    assert snap.step == 4 and snap.energy_floor == np.inf
 
 
 def test_checkpoints_by_time(tmp_path) -> None:
@@ -278,3 +294,55 @@ def test_rollback_returns_to_the_snapshot_and_the_run_continues() -> None:
     assert state.step == 6 and state.rollbacks == 1
     assert np.all(np.isfinite(ravel_pytree(state.vstate.params)[0]))
     assert np.isfinite(final["energy_per_site"]) and final["energy_per_site"] < 0
+
+
+class _Collapse(Driver):
+    """Reports the energy of step `at` (once) 0.1 per site and 20 of its error bars above the
+    run's floor: a state that fell apart inside the physical bound, as a 6x6 run once did
+    (-0.50 -> -0.29)."""
+
+    at = 3
+
+    def step(self, state):
+        new, record = super().step(state)
+        if record.step == self.at and not getattr(self, "done", False):
+            self.done = True
+            record = replace(record, energy=state.energy_floor + 0.1 + 20 * record.energy_error)
+        return new, record
+
+
+def test_a_collapse_inside_the_bound_is_rolled_back() -> None:
+    c = make_config(**{"model.d": 8, "sampler.n_samples": 128, "sampler.n_chains": 64,
+                       "sampler.n_samples_final": 128, "sampler.n_thermalize": 2,
+                       "run.n_iter": 6, "checkpoint.every_steps": 2, "optimizer.warmup": 0})
+    from pipeline.system import System
+
+    rec = _Recorder()
+    driver = _Collapse(System.build(c), [rec])
+    floors = []
+    rec.on_step_end = lambda state, record, f=rec.on_step_end: (
+        floors.append((record, state.energy_floor)), f(state, record))
+    state, _ = driver.run(driver.fresh_state())
+    assert rec.rollbacks == [(2, 1, 0.5)]  # step 3 "collapsed": back to the step-2 snapshot
+    assert rec.steps == [0, 1, 2, 2, 3, 4, 5] and state.rollbacks == 1
+    # the floor is the running minimum of E/N + 2 errors of the steps the run kept
+    kept = [r for r, _ in floors[:2]] + [r for r, _ in floors[3:]]
+    assert state.energy_floor == min(r.energy + 2 * r.energy_error for r in kept)
+    assert floors[0][1] == floors[0][0].energy + 2 * floors[0][0].energy_error
+
+
+@pytest.mark.parametrize("rise, error, max_rise, collapsed", [
+    (0.011, 0.001, 0.02, True),  # 2.2% and 11 error bars
+    (0.009, 0.0001, 0.02, False),  # 1.8% of |floor|: noise of a healthy run is far below
+    (0.05, 0.006, 0.02, False),  # 10% but only 8 error bars: a rare large local energy
+    (0.2, 0.001, 0.0, False),  # run.max_rise=0: off
+])
+def test_collapse_needs_a_relative_rise_and_many_error_bars(rise, error, max_rise, collapsed):
+    from pipeline.records import StepRecord
+    from pipeline.system import System
+
+    driver = Driver(System.build(make_config(**{"model.d": 8, "run.max_rise": max_rise})))
+    fields = dict.fromkeys(StepRecord.__dataclass_fields__, 0)
+    record = StepRecord(**(fields | {"energy": -0.5 + rise, "energy_error": error}))
+    assert driver.collapsed(record, -0.5) is collapsed
+    assert driver.collapsed(record, np.inf) is False  # no step yet: nothing to compare with
