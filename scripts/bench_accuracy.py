@@ -194,7 +194,8 @@ def bench(size: int, kind: str, seed: int, warm: float, minutes: float, exact_su
             "warm_j2": warm_j2 if warm > 0 else None, "warm_L": warm_L if warm > 0 else None,
             "measure": "exact" if exact_sums else "mc",
             "params": driver.n_params, "solver": driver.solver, "symmetry": cfg.model.symmetry,
-            "J2": cfg.hamiltonian.J2, "steps": n_iter, "seconds_per_step": train_s / max(n_iter, 1),
+            "J2": cfg.hamiltonian.J2, "steps": n_iter, "rollbacks": state.rollbacks,
+            "seconds_per_step": train_s / max(n_iter, 1),
             "finetune_steps": len(deadline.tail_steps),
             "seconds_per_finetune_step": statistics.fmean(deadline.tail_steps or [np.nan]),
             **{f"median_{k}": statistics.median(v) for k, v in split.items()},
@@ -233,8 +234,8 @@ def report(rows: list[dict], minutes: float) -> None:
         at = (f" on {r['warm_L']}x{r['warm_L']}" if r["warm_L"] is not None else "") + \
             (f" at J2 = {r['warm_j2']:g}" if r["warm_j2"] is not None else "")
         print(f"{r['attention']} seed {r['seed']} warm {r['warm']:g}{at}: {inside} the budget{tail}; warm-up "
-              f"steps {r['warm_steps']}; final measurements {r['measure_seconds']:.0f} s "
-              f"({how}); median "
+              f"steps {r['warm_steps']}; rollbacks {r['rollbacks']}; final measurements "
+              f"{r['measure_seconds']:.0f} s ({how}); median "
               f"step: sampling {r['median_t_sample']:.3f} s, local energies "
               f"{r['median_t_energy']:.3f} s, SR {r['median_t_sr']:.3f} s")
     for key in sorted({(r["attention"], r["warm"]) for r in rows}):

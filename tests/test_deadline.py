@@ -220,7 +220,8 @@ def test_accuracy_benchmark_with_exact_final_energies_keeps_its_budget(tmp_path)
     """`scripts/bench_accuracy --size 4 --warm 0.3 --warm-j2 0.55` (exact final energies by
     default there) on a small model and a 0.8-minute budget: the warm start at the other coupling
     and the run at J2 = 0.5 both step inside it, with exact energies above the exact ground state
-    and relative errors computed from them."""
+    and relative errors computed from them, and no rollback (the collapse test stays quiet on a
+    healthy run of few samples)."""
     out = tmp_path / "rows.json"
     small = ["model.d=8", "model.heads=2", "sampler.n_samples=256", "sampler.n_chains=128"]
     proc = subprocess.run([sys.executable, "scripts/bench_accuracy.py", "--minutes", "0.8",
@@ -233,6 +234,7 @@ def test_accuracy_benchmark_with_exact_final_energies_keeps_its_budget(tmp_path)
     assert row["measure"] == "exact" and row["final_samples"] == row["projected_samples"] == 12870
     assert (row["J2"], row["warm_j2"]) == (0.5, 0.55), row
     assert row["wall_minutes"] <= 0.8 + 0.05 and row["steps"] > 2 and row["warm_steps"] > 2, row
+    assert row["rollbacks"] == 0 and "rollbacks 0" in proc.stdout, row  # no false collapse
     for e, err, rel in (("energy_per_site", "energy_error", "relative_error"),
                         ("projected_energy", "projected_error", "projected_relative_error")):
         assert row[e] > e0 and row[err] == 0.0, row
