@@ -167,7 +167,7 @@ class Driver:
     def collapsed(self, record: StepRecord, floor: float) -> bool:
         """The energy rose above `floor` (the run's lowest E/N + 2 errors) by more than
         run.max_rise of |floor| and by more than RISE_ERRORS of its own error bars: far beyond
-        the noise of a healthy run (at most 0.2% and 2 error bars in the 6x6 runs measured),
+        the noise of a healthy run (at most 0.2% and 2 error bars in a logged 6x6 run),
         where a rare large local energy inflates the error bar with the mean. run.max_rise = 0
         turns the test off."""
         rise, limit = record.energy - floor, self.cfg.run.max_rise
@@ -178,8 +178,8 @@ class Driver:
         if self.blown_up(record, params):
             return "non-finite or exploding energy"
         if self.collapsed(record, floor):
-            return (f"energy rose to E/N={record.energy:.6f} ± {record.energy_error:.6f} from a "
-                    f"floor of {floor:.6f} (collapse)")
+            return (f"collapse: E/N rose to {record.energy:.6f} ± {record.energy_error:.6f} "
+                    f"above the floor {floor:.6f} (run.max_rise={self.cfg.run.max_rise:g})")
         return None
 
     def advance(self, state: RunState, snapshot: RunState

@@ -311,7 +311,7 @@ class _Collapse(Driver):
         return new, record
 
 
-def test_a_collapse_inside_the_bound_is_rolled_back() -> None:
+def test_a_collapse_inside_the_bound_is_rolled_back(capsys) -> None:
     c = make_config(**{"model.d": 8, "sampler.n_samples": 128, "sampler.n_chains": 64,
                        "sampler.n_samples_final": 128, "sampler.n_thermalize": 2,
                        "run.n_iter": 6, "checkpoint.every_steps": 2, "optimizer.warmup": 0})
@@ -324,6 +324,7 @@ def test_a_collapse_inside_the_bound_is_rolled_back() -> None:
         floors.append((record, state.energy_floor)), f(state, record))
     state, _ = driver.run(driver.fresh_state())
     assert rec.rollbacks == [(2, 1, 0.5)]  # step 3 "collapsed": back to the step-2 snapshot
+    assert "step 3: collapse: E/N rose to" in capsys.readouterr().out
     assert rec.steps == [0, 1, 2, 2, 3, 4, 5] and state.rollbacks == 1
     # the floor is the running minimum of E/N + 2 errors of the steps the run kept
     kept = [r for r, _ in floors[:2]] + [r for r, _ in floors[3:]]
