@@ -178,6 +178,32 @@ def test_rollback_then_clear_failure_on_exploding_energy(tmp_path) -> None:
     assert st["state"] == "failed" and "NonFiniteEnergy" in st["error"]
 
 
+def _collapses(run_dir, max_rise: float = 0.02) -> list[int]:
+    """Steps of the kept history whose energy rose above the running floor (min of E/N + 2
+    errors of the steps before) by more than the collapse test allows (`Driver.collapsed`)."""
+    h, floor, steps = history(run_dir), np.inf, []
+    for step, e, err in zip(h["step"], h["energy"], h["energy_error"]):
+        if e - floor > max(max_rise * abs(floor), 10 * err):
+            steps.append(int(step))
+        floor = min(floor, e + 2 * err)
+    return steps
+
+
+def test_a_real_collapse_is_rolled_back(tmp_path) -> None:
+    """A large learning rate without the trust region (lr 0.5, optimizer.max_step=0) makes the
+    first step's energy rise from -0.26 to about -0.07 per site, inside the blow-up bound. The
+    collapse test rolls it back with half the learning rate, and the kept history has no such
+    rise; with the test off (run.max_rise=0) the same run keeps the collapsed steps."""
+    fast = ["optimizer.lr=0.5", "optimizer.warmup=0", "optimizer.max_step=0",
+            "checkpoint.every_steps=5"]
+    out = job(tmp_path / "on", *fast, n=12)
+    assert "collapse: E/N rose to" in out.stdout and "rolled back to step 0" in out.stdout
+    assert _collapses(tmp_path / "on") == []
+    assert json.load(open(tmp_path / "on" / "status.json"))["state"] == "finished"
+    off = job(tmp_path / "off", *fast, "run.max_rise=0", n=12)
+    assert "collapse:" not in off.stdout and _collapses(tmp_path / "off") != []
+
+
 def test_default_trust_region_holds_a_huge_learning_rate(tmp_path) -> None:
     """The same learning rate with the configured trust region (optimizer.max_step=0.1): every
     step is shortened to that Fubini-Study length, and the run ends with no rollback."""
