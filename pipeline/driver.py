@@ -3,9 +3,10 @@
 The loop only orchestrates: the `VariationalState` samples and estimates, the SR `Preconditioner`
 turns samples into an update, hooks (see `hooks.py`) log, write results and checkpoints and watch
 for signals. The loop owns the rollback policy: a snapshot of the run state taken at step counts
-(the start of the job and every checkpoint.every_steps steps), to which a failed step returns
-with half the learning rate, at most run.max_rollbacks times per run (the count is part of the
-run state, so checkpoints carry it across jobs). A step fails when its energy or the new
+(the start of the job, then every checkpoint.every_steps steps the state whose energy the step
+has just measured and passed, so a rollback never returns to parameters that already failed),
+to which a failed step returns with half the learning rate, at most run.max_rollbacks times per
+run (the count is part of the run state, so checkpoints carry it across jobs). A step fails when its energy or the new
 parameters are non-finite, when its energy is beyond any physical bound, or when its energy rose
 far above the lowest seen so far (`collapsed`: a state that falls apart while its energy stays
 inside the bound). A hook stops the run by raising `StopRun`.
@@ -184,17 +185,19 @@ class Driver:
 
     def advance(self, state: RunState, snapshot: RunState
                 ) -> tuple[RunState, StepRecord | None, RunState]:
-        """One step under the rollback policy: (new state, its record, snapshot), the snapshot
-        moved to the new state at every checkpoint.every_steps steps; after a failed step
-        (snapshot with one more rollback, None, snapshot). Every training loop steps through
-        here (`run`, `deadline.train`)."""
+        """One step under the rollback policy: (new state, its record, snapshot); at every
+        checkpoint.every_steps steps the snapshot moves to `state`, whose parameters this step
+        has just measured and found sound (the new parameters are not measured until the next
+        step: a snapshot of them could hold the very state that fails next, and every rollback
+        to it would fail again). After a failed step: (snapshot with one more rollback, None,
+        snapshot). Every training loop steps through here (`run`, `deadline.train`)."""
         new, record = self.step(state)
         reason = self.failure(record, new.vstate.params, state.energy_floor)
         if reason:
             return self._rollback(state, snapshot, record, reason), None, snapshot
         new = replace(new, energy_floor=min(state.energy_floor,
                                             record.energy + 2 * record.energy_error))
-        return new, record, new if new.step % self.cfg.checkpoint.every_steps == 0 else snapshot
+        return new, record, state if state.step % self.cfg.checkpoint.every_steps == 0 else snapshot
 
     # ---- the loop --------------------------------------------------------------------------
     def run(self, state: RunState) -> tuple[RunState, dict]:

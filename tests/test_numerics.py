@@ -347,3 +347,36 @@ def test_collapse_needs_a_relative_rise_and_many_error_bars(rise, error, max_ris
     record = StepRecord(**(fields | {"energy": -0.5 + rise, "energy_error": error}))
     assert driver.collapsed(record, -0.5) is collapsed
     assert driver.collapsed(record, np.inf) is False  # no step yet: nothing to compare with
+
+
+class _Poisoned(Driver):
+    """The first update of step `at - 1` leaves parameters whose every measurement reports a
+    collapse: a failure that is a property of the parameters, as a real one is, so a rollback to
+    a snapshot holding them would fail again and again."""
+
+    at = 4
+
+    def step(self, state):
+        new, record = super().step(state)
+        if record.step == self.at - 1 and not hasattr(self, "poisoned"):
+            self.poisoned = new.vstate.params
+        if state.vstate.params is getattr(self, "poisoned", None):
+            record = replace(record, energy=state.energy_floor + 0.1 + 20 * record.energy_error)
+        return new, record
+
+
+def test_the_snapshot_holds_parameters_that_were_measured_sound() -> None:
+    """Step 3's update leaves parameters that fail at step 4, a snapshot step
+    (checkpoint.every_steps = 2). The snapshot of step 4 would hold them; the loop keeps the
+    step-2 state instead, whose energy step 2 measured, and the run recovers with one rollback
+    (with the snapshot taken of the unmeasured new state it gave up after run.max_rollbacks)."""
+    c = make_config(**{"model.d": 8, "sampler.n_samples": 128, "sampler.n_chains": 64,
+                       "sampler.n_samples_final": 128, "sampler.n_thermalize": 2,
+                       "run.n_iter": 6, "checkpoint.every_steps": 2, "optimizer.warmup": 0})
+    from pipeline.system import System
+
+    rec = _Recorder()
+    driver = _Poisoned(System.build(c), [rec])
+    state, _ = driver.run(driver.fresh_state())
+    assert rec.rollbacks == [(2, 1, 0.5)]
+    assert rec.steps == [0, 1, 2, 3, 2, 3, 4, 5] and state.step == 6 and state.rollbacks == 1
