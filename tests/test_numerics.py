@@ -277,16 +277,21 @@ class _Recorder(BaseHook):
         self.params_back = np.asarray(ravel_pytree(state.vstate.params)[0])
 
 
-def test_rollback_returns_to_the_snapshot_and_the_run_continues() -> None:
-    c = make_config(**{"model.d": 8, "sampler.n_samples": 128, "sampler.n_chains": 64,
-                       "sampler.n_samples_final": 128, "sampler.n_thermalize": 2,
-                       "run.n_iter": 6, "checkpoint.every_steps": 2, "optimizer.warmup": 0})
+def _six_steps():
+    """A System of 6 cheap steps with a snapshot every 2 (the rollback tests' run)."""
     from pipeline.system import System
 
-    system = System.build(c)
+    return System.build(make_config(**{
+        "model.d": 8, "sampler.n_samples": 128, "sampler.n_chains": 64,
+        "sampler.n_samples_final": 128, "sampler.n_thermalize": 2, "run.n_iter": 6,
+        "checkpoint.every_steps": 2, "optimizer.warmup": 0}))
+
+
+def test_rollback_returns_to_the_snapshot_and_the_run_continues() -> None:
+    system = _six_steps()
     rec = _Recorder()
     n_params = system.n_params(system.init_params(0))
-    driver = Driver(system, [rec], FailOnce(3, c.optimizer, 6, n_params, 128))
+    driver = Driver(system, [rec], FailOnce(3, system.cfg.optimizer, 6, n_params, 128))
     state, final = driver.run(driver.fresh_state())
     assert rec.rollbacks == [(2, 1, 0.5)]  # back to the step-2 snapshot, half the learning rate
     np.testing.assert_array_equal(rec.params_back, rec.params[2])
@@ -312,13 +317,8 @@ class _Collapse(Driver):
 
 
 def test_a_collapse_inside_the_bound_is_rolled_back(capsys) -> None:
-    c = make_config(**{"model.d": 8, "sampler.n_samples": 128, "sampler.n_chains": 64,
-                       "sampler.n_samples_final": 128, "sampler.n_thermalize": 2,
-                       "run.n_iter": 6, "checkpoint.every_steps": 2, "optimizer.warmup": 0})
-    from pipeline.system import System
-
     rec = _Recorder()
-    driver = _Collapse(System.build(c), [rec])
+    driver = _Collapse(_six_steps(), [rec])
     floors = []
     rec.on_step_end = lambda state, record, f=rec.on_step_end: (
         floors.append((record, state.energy_floor)), f(state, record))
@@ -370,13 +370,8 @@ def test_the_snapshot_holds_parameters_that_were_measured_sound() -> None:
     (checkpoint.every_steps = 2). The snapshot of step 4 would hold them; the loop keeps the
     step-2 state instead, whose energy step 2 measured, and the run recovers with one rollback
     (with the snapshot taken of the unmeasured new state it gave up after run.max_rollbacks)."""
-    c = make_config(**{"model.d": 8, "sampler.n_samples": 128, "sampler.n_chains": 64,
-                       "sampler.n_samples_final": 128, "sampler.n_thermalize": 2,
-                       "run.n_iter": 6, "checkpoint.every_steps": 2, "optimizer.warmup": 0})
-    from pipeline.system import System
-
     rec = _Recorder()
-    driver = _Poisoned(System.build(c), [rec])
+    driver = _Poisoned(_six_steps(), [rec])
     state, _ = driver.run(driver.fresh_state())
     assert rec.rollbacks == [(2, 1, 0.5)]
     assert rec.steps == [0, 1, 2, 3, 2, 3, 4, 5] and state.step == 6 and state.rollbacks == 1
