@@ -2,8 +2,8 @@
 
 A checkpoint holds exactly the run state (step, parameters, SR state, every rank's chains
 gathered in global chain order, the rollback count, the energy floor) plus provenance (resolved
-config, versions, code version, rank count). RNG keys are not stored: they are derived from (seed, purpose, step,
-global chain index), so the state above determines the rest of the run.
+config, versions, code version, rank count). RNG keys are not stored: they are derived from
+(seed, purpose, step, global chain index), so the state above determines the rest of the run.
 
 Writing (rank 0): a temporary file in the same directory, flushed and fsynced, then renamed
 into place; the newest `keep` sound files are kept (unreadable ones do not count, and the file

@@ -154,7 +154,7 @@ class RunConfig:
     seed: int = 0
     allow_changed: list = field(default_factory=list)  # keys that may differ on resume
     max_rollbacks: int = 3  # rollbacks after a failed step, per run (kept in checkpoints)
-    max_rise: float = 0.02  # a step whose E/N rose this fraction of |lowest| above it failed (0: off)
+    max_rise: float = 0.02  # a step whose E/N rose this share of |lowest| above it fails (0: off)
     steps_per_job: int = 0  # stop (with a checkpoint) after this many steps in one job; 0: no limit
     init_from: Optional[str] = None  # warm start from this run directory's checkpoint (warmstart.py)
     finetune_steps: int = 0  # the last steps: projection 'full' at optimizer.lr_final (driver.py)

@@ -6,10 +6,10 @@ for signals. The loop owns the rollback policy: a snapshot of the run state take
 (the start of the job, then every checkpoint.every_steps steps the state whose energy the step
 has just measured and passed, so a rollback never returns to parameters that already failed),
 to which a failed step returns with half the learning rate, at most run.max_rollbacks times per
-run (the count is part of the run state, so checkpoints carry it across jobs). A step fails when its energy or the new
-parameters are non-finite, when its energy is beyond any physical bound, or when its energy rose
-far above the lowest seen so far (`collapsed`: a state that falls apart while its energy stays
-inside the bound). A hook stops the run by raising `StopRun`.
+run (the count is part of the run state, so checkpoints carry it across jobs). A step fails when
+its energy or the new parameters are non-finite, when its energy is beyond any physical bound,
+or when its energy rose far above the lowest seen so far (`collapsed`: a state that falls apart
+while its energy stays inside the bound). A hook stops the run by raising `StopRun`.
 """
 from __future__ import annotations
 
