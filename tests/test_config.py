@@ -63,6 +63,8 @@ BAD = [
     ({"lattice.kind": "shastry_sutherland", "run.finetune_steps": 10},
      "run.finetune_steps=10: projects over shifts"),
     ({"run.finetune_steps": 300}, "run.finetune_steps=300: must be in [0, run.n_iter=300)"),
+    ({"run.max_rise": -0.01}, "run.max_rise=-0.01: must be finite and >= 0"),
+    ({"run.max_rise": float("inf")}, "run.max_rise=inf: must be finite and >= 0"),
     ({"sampler.final_symmetry": "most"}, "sampler.final_symmetry='most'"),
 ]
 
