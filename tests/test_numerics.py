@@ -301,6 +301,11 @@ def test_rollback_returns_to_the_snapshot_and_the_run_continues() -> None:
     assert np.isfinite(final["energy_per_site"]) and final["energy_per_site"] < 0
 
 
+def _far_above(record, floor: float):
+    """`record` with its energy 0.1 per site and 20 of its error bars above `floor`."""
+    return replace(record, energy=floor + 0.1 + 20 * record.energy_error)
+
+
 class _Collapse(Driver):
     """Reports the energy of step `at` (once) 0.1 per site and 20 of its error bars above the
     run's floor: a state that fell apart inside the physical bound, as a 6x6 run once did
@@ -312,7 +317,7 @@ class _Collapse(Driver):
         new, record = super().step(state)
         if record.step == self.at and not getattr(self, "done", False):
             self.done = True
-            record = replace(record, energy=state.energy_floor + 0.1 + 20 * record.energy_error)
+            record = _far_above(record, state.energy_floor)
         return new, record
 
 
@@ -361,7 +366,7 @@ class _Poisoned(Driver):
         if record.step == self.at - 1 and not hasattr(self, "poisoned"):
             self.poisoned = new.vstate.params
         if state.vstate.params is getattr(self, "poisoned", None):
-            record = replace(record, energy=state.energy_floor + 0.1 + 20 * record.energy_error)
+            record = _far_above(record, state.energy_floor)
         return new, record
 
 
