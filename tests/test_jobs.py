@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from pipeline import checkpoint, results
+from pipeline.driver import RISE_ERRORS
 from pipeline.errors import ResultsError
 
 from conftest import PYTHON, ROOT, mpirun, run_cli
@@ -183,7 +184,7 @@ def _collapses(run_dir, max_rise: float = 0.02) -> list[int]:
     errors of the steps before) by more than the collapse test allows (`Driver.collapsed`)."""
     h, floor, steps = history(run_dir), np.inf, []
     for step, e, err in zip(h["step"], h["energy"], h["energy_error"]):
-        if e - floor > max(max_rise * abs(floor), 10 * err):
+        if e - floor > max(max_rise * abs(floor), RISE_ERRORS * err):
             steps.append(int(step))
         floor = min(floor, e + 2 * err)
     return steps

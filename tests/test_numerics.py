@@ -266,10 +266,11 @@ def test_checkpoints_by_time(tmp_path) -> None:
 # ---- rollback -----------------------------------------------------------------------------------
 class _Recorder(BaseHook):
     def __init__(self) -> None:
-        self.steps, self.rollbacks, self.params = [], [], {}
+        self.steps, self.rollbacks, self.params, self.floors = [], [], {}, []
 
     def on_step_end(self, state, record) -> None:
         self.steps.append(record.step)
+        self.floors.append((record, state.energy_floor))
         self.params[state.step] = np.asarray(ravel_pytree(state.vstate.params)[0])
 
     def on_rollback(self, state) -> None:
@@ -311,11 +312,11 @@ class _Collapse(Driver):
     run's floor: a state that fell apart inside the physical bound, as a 6x6 run once did
     (-0.50 -> -0.29)."""
 
-    at = 3
+    at, done = 3, False
 
     def step(self, state):
         new, record = super().step(state)
-        if record.step == self.at and not getattr(self, "done", False):
+        if record.step == self.at and not self.done:
             self.done = True
             record = _far_above(record, state.energy_floor)
         return new, record
@@ -324,14 +325,12 @@ class _Collapse(Driver):
 def test_a_collapse_inside_the_bound_is_rolled_back(capsys) -> None:
     rec = _Recorder()
     driver = _Collapse(_six_steps(), [rec])
-    floors = []
-    rec.on_step_end = lambda state, record, f=rec.on_step_end: (
-        floors.append((record, state.energy_floor)), f(state, record))
     state, _ = driver.run(driver.fresh_state())
     assert rec.rollbacks == [(2, 1, 0.5)]  # step 3 "collapsed": back to the step-2 snapshot
     assert "step 3: collapse: E/N rose to" in capsys.readouterr().out
     assert rec.steps == [0, 1, 2, 2, 3, 4, 5] and state.rollbacks == 1
     # the floor is the running minimum of E/N + 2 errors of the steps the run kept
+    floors = rec.floors
     kept = [r for r, _ in floors[:2]] + [r for r, _ in floors[3:]]
     assert state.energy_floor == min(r.energy + 2 * r.energy_error for r in kept)
     assert floors[0][1] == floors[0][0].energy + 2 * floors[0][0].energy_error
@@ -359,13 +358,13 @@ class _Poisoned(Driver):
     collapse: a failure that is a property of the parameters, as a real one is, so a rollback to
     a snapshot holding them would fail again and again."""
 
-    at = 4
+    at, poisoned = 4, None
 
     def step(self, state):
         new, record = super().step(state)
-        if record.step == self.at - 1 and not hasattr(self, "poisoned"):
+        if record.step == self.at - 1 and self.poisoned is None:
             self.poisoned = new.vstate.params
-        if state.vstate.params is getattr(self, "poisoned", None):
+        if state.vstate.params is self.poisoned:
             record = _far_above(record, state.energy_floor)
         return new, record
 
