@@ -89,24 +89,32 @@ def _count(s: jax.Array, bonds: jax.Array) -> jax.Array:
     return jnp.sum(s[:, bonds[:, 0]] != s[:, bonds[:, 1]])
 
 
-@partial(jax.jit, static_argnames=("logpsi", "size", "chunk"))
-def _local(logpsi: LogPsi, params, s: jax.Array, logpsi_s: jax.Array, bonds: jax.Array,
-           J: jax.Array, off: jax.Array, size: int, chunk: int) -> jax.Array:
-    """Diagonal part plus sum over connected (sample, bond) pairs of off * psi(s^b)/psi(s)."""
-    n, nb = s.shape[0], bonds.shape[0]
-    si, sj = s[:, bonds[:, 0]], s[:, bonds[:, 1]]
-    mask = (si != sj).reshape(-1)
+def connected_configs(s: jax.Array, bonds: jax.Array, size: int
+                      ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(configurations s^b (size, N), sample index, bond index, valid) of the connected (sample,
+    bond) pairs of s (C, N), padded to `size` (padding rows are not valid); call inside jit."""
+    nb = bonds.shape[0]
+    mask = (s[:, bonds[:, 0]] != s[:, bonds[:, 1]]).reshape(-1)
     (flat,) = jnp.nonzero(mask, size=size, fill_value=0)
     valid = jnp.arange(size) < mask.sum()
     sample, bond = flat // nb, flat % nb
     rows = jnp.arange(size)
     sp = s[sample]
     sp = sp.at[rows, bonds[bond, 0]].multiply(-1).at[rows, bonds[bond, 1]].multiply(-1)
+    return sp, sample, bond, valid
+
+
+@partial(jax.jit, static_argnames=("logpsi", "size", "chunk"))
+def _local(logpsi: LogPsi, params, s: jax.Array, logpsi_s: jax.Array, bonds: jax.Array,
+           J: jax.Array, off: jax.Array, size: int, chunk: int) -> jax.Array:
+    """Diagonal part plus sum over connected (sample, bond) pairs of off * psi(s^b)/psi(s)."""
+    sp, sample, bond, valid = connected_configs(s, bonds, size)
     lp = apply_chunked(logpsi, params, sp, chunk)
     ratio = jnp.exp(lp - logpsi_s[sample])
     contrib = jnp.where(valid, off[bond] * ratio, 0.0)
+    si, sj = s[:, bonds[:, 0]], s[:, bonds[:, 1]]
     diag = (si.astype(jnp.float64) * sj.astype(jnp.float64)) @ J / 4
-    return diag + jax.ops.segment_sum(contrib, sample, num_segments=n)
+    return diag + jax.ops.segment_sum(contrib, sample, num_segments=s.shape[0])
 
 
 def apply_chunked(logpsi: LogPsi, params, s: jax.Array, chunk: int) -> jax.Array:

@@ -28,6 +28,16 @@ def _init(model: ViT, n_sites: int, key: jax.Array):
     return model.init(key, np.ones((1, n_sites), np.int8))["params"]
 
 
+def make_sampler(cfg: Config, lat: Lattice, ham: Hamiltonian, logpsi: Callable,
+                 group: int) -> ExchangeSampler | ExactSampler:
+    """The configured sampler of |exp(logpsi)|^2, evaluating `group` configurations at a time."""
+    if cfg.sampler.kind == SamplerKind.exact:
+        return ExactSampler.build(logpsi, ham, group)
+    moves = lat.bonds1 if not cfg.sampler.next_nearest_moves else np.concatenate(
+        [lat.bonds1, lat.bonds2])
+    return ExchangeSampler(logpsi, moves, cfg.sampler.sweep_size or lat.n_sites, group)
+
+
 @dataclass(frozen=True, eq=False)
 class System:
     """Everything that is fixed for a run: geometry, Hamiltonian, model, log psi, sampler."""
@@ -50,13 +60,10 @@ class System:
         model = ViT(L=lat.L, patch=lat.patch, d=m.d, heads=m.heads, layers=m.layers,
                     attention=str(m.attention), translation_invariant=m.translation_invariant)
         logpsi = project(partial(_apply, model), *group(lat, str(m.symmetry)))
-        moves = lat.bonds1 if not cfg.sampler.next_nearest_moves else np.concatenate(
-            [lat.bonds1, lat.bonds2])
         platform = jax.default_backend()
         chunk = forward_chunk(cfg, platform)
-        sampler = (ExactSampler.build(logpsi, ham, chunk) if cfg.sampler.kind == SamplerKind.exact
-                   else ExchangeSampler(logpsi, moves, cfg.sampler.sweep_size or lat.n_sites, chunk))
-        return cls(cfg, lat, ham, model, logpsi, sampler, chunk, jacobian_chunk(cfg, platform))
+        return cls(cfg, lat, ham, model, logpsi, make_sampler(cfg, lat, ham, logpsi, chunk), chunk,
+                   jacobian_chunk(cfg, platform))
 
     def with_symmetry(self, symmetry: str) -> "System":
         """The same system with log psi projected onto another group (this one if unchanged)."""

@@ -33,13 +33,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import statistics
 import time
 from typing import Callable
 
+import jax
 import numpy as np
 
-from pipeline import exact, observables, warmstart
+from pipeline import exact, lanczos, observables, warmstart
 from pipeline.config import compose, validate
 from pipeline.deadline import Deadline, train
 from pipeline.driver import Driver
@@ -48,6 +50,7 @@ from pipeline.report import reference_energy, with_reference
 from pipeline.system import System
 
 PROJECTED_SAMPLES = 8192
+LANCZOS_SAMPLES = 16384  # at most, for the Lanczos step (its time share is what limits it)
 SAFETY = 1.3  # margin on the measurement times predicted from the steps' sampling times
 MEASURE_SHARE = 0.25  # of the budget, at most, kept for the final measurements
 PROJECTED_BURN_IN = 5  # sweeps (see `measurements`)
@@ -141,17 +144,35 @@ def measurements(state, cfg, deadline: Deadline, end: float, ref) -> tuple[dict,
         vs, state.step, PROJECTED_BURN_IN, block, PROJECTED_SAMPLES, end, SAFETY), ref)
 
 
-def exact_measurements(system: System) -> Callable[[object], tuple[dict, dict]]:
-    """params -> the exact (trained, fully projected) energies: full sums over the Sz = 0 sector
-    with the same forward passes as the sampled measurements, one compilation each."""
+def lanczos_measurement(state, cfg, end: float, ref) -> dict:
+    """One Lanczos step on the trained state (`pipeline.lanczos`; its training projection, not
+    the full one, whose 16x costlier samples would be too few) on fresh samples until `end` (at
+    most LANCZOS_SAMPLES), after sampler.n_thermalize burn-in sweeps."""
+    s = cfg.sampler
+    return with_reference(lanczos.lanczos_within(state.vstate, state.step, s.n_thermalize,
+                                                 s.n_samples // s.n_chains, LANCZOS_SAMPLES, end,
+                                                 SAFETY), ref)
+
+
+def exact_measurements(system: System) -> Callable[[object], tuple[dict, dict, dict]]:
+    """params -> the exact (trained, fully projected, one Lanczos step on the trained state)
+    energies: full sums over the Sz = 0 sector with the same forward passes as the sampled
+    measurements, one compilation each."""
     h, states = exact.sparse_hamiltonian(system.hamiltonian)
     N = system.n_sites
-    vectors = [exact.state_vector(s.logpsi, states, N) for s in (system, system.with_symmetry("full"))]
-    return lambda params: tuple(exact.expectation(h, v(params), N) for v in vectors)
+    vector, projected = (exact.state_vector(s.logpsi, states, N)
+                         for s in (system, system.with_symmetry("full")))
+
+    def measure(params) -> tuple[dict, dict, dict]:
+        psi = vector(params)
+        return (exact.expectation(h, psi, N), exact.expectation(h, projected(params), N),
+                lanczos.exact(h, psi, N))
+    return measure
 
 
 def bench(size: int, kind: str, seed: int, warm: float, minutes: float, exact_sums: bool,
-          overrides: list[str], warm_j2: float | None, warm_L: int) -> dict:
+          overrides: list[str], warm_j2: float | None, warm_L: int, lanczos_share: float,
+          save: str | None) -> dict:
     start = time.perf_counter()
     end = start + minutes * 60
     cfg = configure(size, kind, seed, overrides)
@@ -172,7 +193,9 @@ def bench(size: int, kind: str, seed: int, warm: float, minutes: float, exact_su
               flush=True)
         deadline = Deadline(end, lambda *_: SAFETY * exact_s, tail_factor=images)
     else:
-        deadline = Deadline(end, reserve(cfg, images, minutes * 60), tail_factor=images)
+        kept = reserve(cfg, images, minutes * 60)
+        lanczos_s = lanczos_share * minutes * 60
+        deadline = Deadline(end, lambda *phases: kept(*phases) + lanczos_s, tail_factor=images)
     split: dict[str, list[float]] = {k: [] for k in SPLIT}
 
     def log(state, rec, horizon: int) -> None:
@@ -185,11 +208,19 @@ def bench(size: int, kind: str, seed: int, warm: float, minutes: float, exact_su
     t_train = time.perf_counter()
     state, n_iter = train(driver, state, deadline, cfg.run.n_iter, log)
     train_s = time.perf_counter() - t_train
+    if save:
+        with open(os.path.join(save, f"{kind}_seed{seed}_warm{warm:g}.pkl"), "wb") as f:
+            pickle.dump({"params": jax.tree_util.tree_map(np.asarray, state.vstate.params),
+                         "chains": np.asarray(state.vstate.chains), "step": state.step,
+                         "overrides": overrides}, f)
     t_final = time.perf_counter()
     if exact_sums:
-        final, projected = (with_reference(m, ref) for m in exact_of(state.vstate.params))
+        final, projected, step = (with_reference(m, ref) for m in exact_of(state.vstate.params))
     else:
-        final, projected = measurements(state, cfg, deadline, end, ref)
+        final, projected = measurements(state, cfg, deadline, end - lanczos_s, ref)
+        step = (lanczos_measurement(state, cfg, end, ref) if lanczos_share > 0 else
+                {"energy_per_site": np.nan, "energy_error": np.nan, "relative_error": np.nan,
+                 "n_samples": 0})
     return {"L": size, "attention": kind, "seed": seed, "warm": warm, "warm_steps": warm_steps,
             "warm_j2": warm_j2 if warm > 0 else None, "warm_L": warm_L if warm > 0 else None,
             "measure": "exact" if exact_sums else "mc",
@@ -204,7 +235,11 @@ def bench(size: int, kind: str, seed: int, warm: float, minutes: float, exact_su
             "projected_energy": projected["energy_per_site"],
             "projected_error": projected["energy_error"],
             "projected_relative_error": projected["relative_error"],
+            "lanczos_energy": step["energy_per_site"], "lanczos_error": step["energy_error"],
+            "lanczos_relative_error": step["relative_error"], "lanczos_v_score": step.get("v_score", np.nan),
+            "lanczos_alpha": step.get("alpha", np.nan),
             "final_samples": final["n_samples"], "projected_samples": projected["n_samples"],
+            "lanczos_samples": step["n_samples"],
             "measure_seconds": time.perf_counter() - t_final,
             "wall_minutes": (time.perf_counter() - start) / 60}
 
@@ -233,6 +268,11 @@ def report(rows: list[dict], minutes: float) -> None:
                 f"each" if r["finetune_steps"] else "")
         at = (f" on {r['warm_L']}x{r['warm_L']}" if r["warm_L"] is not None else "") + \
             (f" at J2 = {r['warm_j2']:g}" if r["warm_j2"] is not None else "")
+        if r["lanczos_samples"]:
+            print(f"{r['attention']} seed {r['seed']} warm {r['warm']:g}: one Lanczos step on the trained "
+                  f"state: E/N = {r['lanczos_energy']:.6f} ± {r['lanczos_error']:.6f}, "
+                  f"rel. error {r['lanczos_relative_error']:.2e}, V-score {r['lanczos_v_score']:.4f} "
+                  f"({'exact' if r['measure'] == 'exact' else str(r['lanczos_samples']) + ' samples'})")
         print(f"{r['attention']} seed {r['seed']} warm {r['warm']:g}{at}: {inside} the budget{tail}; warm-up "
               f"steps {r['warm_steps']}; rollbacks {r['rollbacks']}; final measurements "
               f"{r['measure_seconds']:.0f} s ({how}); median "
@@ -242,7 +282,9 @@ def report(rows: list[dict], minutes: float) -> None:
         group_rows = [r for r in rows if (r["attention"], r["warm"]) == key]
         print(f"{key[0]} warm {key[1]:g} over {len(group_rows)} seed(s): relative error "
               f"{spread([r['relative_error'] for r in group_rows])}; fully projected "
-              f"{spread([r['projected_relative_error'] for r in group_rows])}")
+              f"{spread([r['projected_relative_error'] for r in group_rows])}"
+              + (f"; one Lanczos step {spread([r['lanczos_relative_error'] for r in group_rows])}"
+                 if all(r["lanczos_samples"] for r in group_rows) else ""))
 
 
 def main() -> None:
@@ -259,7 +301,12 @@ def main() -> None:
     ap.add_argument("--measure", default="auto", choices=("auto", "exact", "mc"),
                     help="final energies by exact sums or by sampling (auto: exact where the "
                          f"lattice has at most {exact.MAX_SITES} sites)")
+    ap.add_argument("--lanczos", type=float, default=0.0,
+                    help="share of the budget kept for one Lanczos step on the trained state, "
+                         "sampled (default 0: none; with exact sums it is always reported)")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--save", help="write each trained state (parameters, chains, step) to "
+                    "KIND_seedS_warmF.pkl in this directory, before its final measurements")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     minutes = args.minutes or BUDGET_MINUTES[args.size]
@@ -285,7 +332,7 @@ def main() -> None:
         for warm in warms:
             for seed in (int(s) for s in args.seeds.split(",")):
                 rows.append(bench(args.size, kind, seed, warm, minutes, exact_sums, args.overrides,
-                                  args.warm_j2, warm_L))
+                                  args.warm_j2, warm_L, args.lanczos, args.save))
                 report(rows[-1:], minutes)
     print("\nall runs (E/N per site in S.S units; relative error against the reference table or "
           "exact diagonalization):")

@@ -148,9 +148,9 @@ def measure_cli(run_dir, *args: str, launcher=()):
 def test_measured_correlations_of_a_trained_state_match_exact_diagonalization(trained) -> None:
     before = {k: os.path.getmtime(os.path.join(trained, "checkpoints", k))
               for k in os.listdir(os.path.join(trained, "checkpoints"))}
-    out = measure_cli(trained, "--n-samples", "4096")
+    out = measure_cli(trained, "--n-samples", "4096", "--lanczos", "2048")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "measured step80_none: E/N = " in out.stdout
+    assert "measured step80_none: E/N = " in out.stdout and "one Lanczos step: E/N = " in out.stdout
     c = results.load(os.path.join(trained, "results.h5"))
     m, attrs = c.group("measurements/step80_none"), c.groups["measurements/step80_none"]
     assert attrs["n_samples"] == 4096 and attrs["step"] == 80 and attrs["symmetry"] == "none"
@@ -169,6 +169,12 @@ def test_measured_correlations_of_a_trained_state_match_exact_diagonalization(tr
     exact_corr = np.array([g[np.arange(16), shift[r]].mean() for r in range(16)]).reshape(4, 4)
     rel = (attrs["energy_per_site"] + 0.5286202095) / 0.5286202095
     assert 0 < rel < 0.05, f"the trained state is too poor for a meaningful comparison ({rel})"
+    # the Lanczos step lowers the energy and the variance and stays above the ground state's
+    # energy (its exact value: tests/test_lanczos.py)
+    step, err = attrs["lanczos_energy_per_site"], attrs["lanczos_energy_error"]
+    assert attrs["lanczos_n_samples"] == attrs["lanczos_fit_samples"] == 2048 and 0 < err < 2e-3
+    assert -0.5286202095 - 4 * err < step < attrs["energy_per_site"] - 4 * err, (step, err)
+    assert attrs["lanczos_variance_per_site"] < attrs["variance_per_site"]
     tol = np.sqrt(rel)
     err = np.abs(corr - exact_corr)
     assert np.all(err <= tol + 4 * m["correlation_error"]), (err, tol)
@@ -183,9 +189,10 @@ def test_measured_correlations_of_a_trained_state_match_exact_diagonalization(tr
 
 @pytest.mark.mpi
 def test_measurement_on_two_ranks_equals_one_rank(trained) -> None:
-    one = measure_cli(trained, "--n-samples", "1024", "--name", "one", "--symmetry", "translations")
+    one = measure_cli(trained, "--n-samples", "1024", "--name", "one", "--symmetry", "translations",
+                      "--lanczos", "256")
     two = measure_cli(trained, "--n-samples", "1024", "--name", "two", "--symmetry", "translations",
-                      launcher=mpirun(2))
+                      "--lanczos", "256", launcher=mpirun(2))
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     again = measure_cli(trained, "--n-samples", "1024", "--name", "one", "--symmetry", "translations")
     assert "measured one_2:" in again.stdout  # a second measurement gets its own name
@@ -193,13 +200,16 @@ def test_measurement_on_two_ranks_equals_one_rank(trained) -> None:
     a, b = c.group("measurements/one"), c.group("measurements/two")
     for key in ("structure_factor", "correlation", "dimer_correlation"):
         np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-10, err_msg=key)
-    ea, eb = (c.groups[f"measurements/{k}"]["energy_per_site"] for k in ("one", "two"))
-    assert eb == pytest.approx(ea, abs=1e-12)
+    for key in ("energy_per_site", "lanczos_energy_per_site", "lanczos_energy_error"):
+        ea, eb = (c.groups[f"measurements/{k}"][key] for k in ("one", "two"))
+        assert eb == pytest.approx(ea, abs=1e-12), key
 
 
 def test_measure_refusals_are_one_line(trained, tmp_path) -> None:
     out = measure_cli(trained, "--n-samples", "100")
     assert out.returncode == 2 and "--n-samples=100: must be a positive multiple" in out.stderr
+    out = measure_cli(trained, "--lanczos", "100")
+    assert out.returncode == 2 and "--lanczos=100: must be 0 (none) or a positive multiple" in out.stderr
     assert "Traceback" not in out.stderr
     out = measure_cli(tmp_path)
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
