@@ -230,8 +230,8 @@ def lanczos_within(vstate: VariationalState, step_no: int, burn_in: int, block: 
                  LANCZOS_FIT)
     n_fit = len(fit) * len(ids) * dist.size()
     a = fit_a(dist.host_allreduce_sum(np.concatenate([np.asarray(v) for v in fit]).sum(0)) / n_fit)
-    values = np.stack([np.asarray(v) for v in sweeps(lambda e1, e2: _energy_values(e1, e2, h1, b, a),
-                                                     until, LANCZOS_STEP)])  # (sweeps, chains, 3)
+    measured = sweeps(lambda e1, e2: _energy_values(e1, e2, h1, b, a), until, LANCZOS_STEP)
+    values = np.stack([np.asarray(v) for v in measured])  # (sweeps, chains, 3)
     (energy, variance), (error, _) = jackknife(values.sum(0), np.full(len(ids), len(values)),
                                                psi1_energy)
     acc, prop = dist.host_allreduce_sum(np.array([accepted, proposed], float))

@@ -182,7 +182,8 @@ def _energy_summary(vs: VariationalState, e_loc: jax.Array, n_per_chain: int,
 
 
 def draw_within(vstate: VariationalState, step: int, burn_in: int, block: int, most: int,
-                until: float, safety: float, evaluate: Callable[[VariationalState, Samples], jax.Array],
+                until: float, safety: float,
+                evaluate: Callable[[VariationalState, Samples], jax.Array],
                 piece: int = 0, purposes: tuple[int, int] = (FINAL_BURN_IN, FINAL)
                 ) -> tuple[VariationalState, list[jax.Array], float]:
     """Fresh samples evaluated inside a time budget: after `burn_in` discarded sweeps (rounded up

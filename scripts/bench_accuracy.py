@@ -20,13 +20,16 @@ state, and training keeps that time (x SAFETY) for them. --measure mc forces the
 parameters start the large run (`pipeline.warmstart.map_params`, as run.init_from does).
 --warm-j2 X trains the warm start at J2 = X instead (on the same lattice with --size 4): a
 continuation in the coupling, from one where the Marshall-sign plateau is left to one where not.
+--lanczos F keeps the share F of the budget for one Lanczos step on the trained state
+(`pipeline.lanczos`), measured after the others; with exact sums it is always reported (exact).
+--save DIR writes each trained state before its final measurements (parameters, chains, step).
 --warm-size S trains the warm start on S x S instead of 4x4 (4 <= S <= size; S = size, e.g. 6 with
 --size 6, is the continuation in the coupling on the lattice itself and needs --warm-j2).
 
 usage: python scripts/bench_accuracy.py [--size 4|6] [--minutes M] [--kinds factored,standard]
            [--seeds 0,1,2,3] [--warm 0,0.2] [--warm-j2 X] [--warm-size S]
-           [--measure auto|exact|mc]
-           [--json FILE] [key=value ...]
+           [--measure auto|exact|mc] [--lanczos F]
+           [--json FILE] [--save DIR] [key=value ...]
 """
 from __future__ import annotations
 
@@ -147,7 +150,7 @@ def measurements(state, cfg, deadline: Deadline, end: float, ref) -> tuple[dict,
 def lanczos_measurement(state, cfg, end: float, ref) -> dict:
     """One Lanczos step on the trained state (`pipeline.lanczos`; its training projection, not
     the full one, whose 16x costlier samples would be too few) on fresh samples until `end` (at
-    most LANCZOS_SAMPLES), after sampler.n_thermalize burn-in sweeps."""
+    most LANCZOS_SAMPLES per stage), after sampler.n_thermalize burn-in sweeps."""
     s = cfg.sampler
     return with_reference(lanczos.lanczos_within(state.vstate, state.step, s.n_thermalize,
                                                  s.n_samples // s.n_chains, LANCZOS_SAMPLES, end,
