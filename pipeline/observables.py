@@ -168,62 +168,47 @@ def energy_of(vs: VariationalState, smp: Samples, n_per_chain: int) -> dict[str,
 
 
 def _energy_summary(vs: VariationalState, e_loc: jax.Array, n_per_chain: int,
-                    acceptance: float, n_chains: int | None = None) -> dict[str, float]:
-    """Per-site energy statistics of sample-major local energies from `n_chains` chains in all
-    (default sampler.n_chains)."""
-    n_chains = vs.system.cfg.sampler.n_chains if n_chains is None else n_chains
-    st = vs.statistics(e_loc, n_per_chain, n_chains)
+                    acceptance: float) -> dict[str, float]:
+    st = vs.statistics(e_loc, n_per_chain)
     N = vs.system.n_sites
     mean = float(st.mean.real)
     return {"energy_per_site": mean / N, "energy_error": float(st.error) / N,
             "energy_imag": float(st.mean.imag) / N, "variance_per_site": float(st.variance) / N,
             "v_score": N * float(st.variance) / mean ** 2, "r_hat": float(st.r_hat),
-            "acceptance": acceptance, "n_samples": n_per_chain * n_chains}
+            "acceptance": acceptance, "n_samples": n_per_chain * vs.system.cfg.sampler.n_chains}
 
 
 def draw_within(vstate: VariationalState, step: int, burn_in: int, block: int, most: int,
                 until: float, safety: float,
                 evaluate: Callable[[VariationalState, Samples], jax.Array],
-                piece: int = 0, purposes: tuple[int, int] = (FINAL_BURN_IN, FINAL)
+                purposes: tuple[int, int] = (FINAL_BURN_IN, FINAL)
                 ) -> tuple[VariationalState, list[jax.Array], float]:
     """Fresh samples evaluated inside a time budget: after `burn_in` discarded sweeps (rounded up
     to whole blocks), samples are drawn `block` sweeps of every chain at a time, each block with
-    its own random streams, and `evaluate(state, samples)` is applied to `piece` of this rank's
-    sample-major rows at a time (default: the whole block), until `most` samples (all ranks) or
-    until the next piece, at the last one's cost (its block's sampling included when it drew
-    one) times `safety`, would end after `until` (a time.perf_counter() value). The first piece
-    is always evaluated: it pays any compilation, so its cost over-estimates the next. Stopping
-    on the clock does not bias the estimates (it depends on the clock, not on the values); rank
-    0's clock decides for every rank. `purposes`: the random streams of the burn-in and of the
-    samples. Returns the state, the evaluated values piece by piece (sample-major rows of this
-    rank) and the acceptance of the drawn blocks."""
-    C_local = vstate.chains.shape[0]
-    rows = block * C_local
-    piece = piece or rows
-    if rows % piece:
-        raise ValueError(f"piece {piece} does not divide the {rows} rows of a block")
+    its own random streams, and `evaluate(state, samples)` is applied to each block, until
+    `most` samples or until the next block, at the last one's cost times `safety`, would end
+    after `until` (a time.perf_counter() value). The first block is always drawn: it pays any
+    compilation, so its cost over-estimates the next. Stopping on the clock does not bias the
+    estimates (it depends on the clock, not on the values); rank 0's clock decides for every
+    rank. `purposes`: the random streams of the burn-in and of the samples. Returns the state,
+    the evaluated values block by block (sample-major) and the acceptance of the blocks."""
+    C = vstate.system.cfg.sampler.n_chains
     vs = vstate
     for k in range(-(-burn_in // block)):  # the burn-in in blocks too: one sampler to compile
         vs, _ = vs.sample(block, purposes[0], step, k)
     values: list[jax.Array] = []
-    accepted, proposed, n_blocks = 0, 0, 0
+    accepted, proposed = 0, 0
     while True:
         t0 = time.perf_counter()
-        vs, smp = vs.sample(block, purposes[1], step, n_blocks)
-        n_blocks += 1
+        vs, smp = vs.sample(block, purposes[1], step, len(values))
+        values.append(jax.block_until_ready(evaluate(vs, smp)))
         accepted, proposed = accepted + smp.accepted, proposed + smp.proposed
-        for a in range(0, rows, piece):
-            part = slice(a, a + piece)
-            values.append(jax.block_until_ready(evaluate(vs, smp._replace(
-                s=smp.s[part], logpsi=smp.logpsi[part],
-                eloc=None if smp.eloc is None else smp.eloc[part]))))
-            now = time.perf_counter()
-            full = (len(values) + 1) * piece * dist.size() > most
-            if dist.bcast_object(full or now + safety * (now - t0) > until):
-                acceptance = VariationalState.acceptance(smp._replace(accepted=accepted,
-                                                                      proposed=proposed))
-                return vs, values, acceptance
-            t0 = now
+        now = time.perf_counter()
+        full = (len(values) + 1) * block * C > most
+        if dist.bcast_object(full or now + safety * (now - t0) > until):
+            break
+    return vs, values, VariationalState.acceptance(smp._replace(accepted=accepted,
+                                                                proposed=proposed))
 
 
 def energy_within(vstate: VariationalState, step: int, burn_in: int, block: int, most: int,
@@ -232,7 +217,7 @@ def energy_within(vstate: VariationalState, step: int, burn_in: int, block: int,
     A `block` equal to the training steps' sweeps reuses their compiled sampler and local
     energies."""
     vs, energies, acceptance = draw_within(vstate, step, burn_in, block, most, until, safety,
-                                              lambda v, smp: v.local_energies(smp))
+                                           lambda v, smp: v.local_energies(smp))
     return _energy_summary(vs, jnp.concatenate(energies), len(energies) * block, acceptance)
 
 

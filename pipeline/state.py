@@ -86,10 +86,10 @@ class VariationalState:
         return local_energies(sys.hamiltonian, sys.logpsi, self.params, samples.s, samples.logpsi,
                               sys.chunk)
 
-    def statistics(self, values: jax.Array, n_per_chain: int, n_chains: int | None = None) -> Stats:
+    def statistics(self, values: jax.Array, n_per_chain: int) -> Stats:
         """Mean, autocorrelation-aware error, variance and R-hat of sample-major local values
-        over all ranks' chains (`n_chains` in all, default sampler.n_chains)."""
-        return _stats(values, n_per_chain, n_chains or self.system.cfg.sampler.n_chains)
+        over all ranks' chains."""
+        return _stats(values, n_per_chain, self.system.cfg.sampler.n_chains)
 
     def expect(self, estimator: Estimator, samples: Samples, n_per_chain: int) -> Stats:
         """Statistics of any observable, given its local estimator, on these samples."""
