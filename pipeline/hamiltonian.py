@@ -117,6 +117,14 @@ def _local(logpsi: LogPsi, params, s: jax.Array, logpsi_s: jax.Array, bonds: jax
     return diag + jax.ops.segment_sum(contrib, sample, num_segments=s.shape[0])
 
 
+def local_energies_traced(ham: Hamiltonian, logpsi: LogPsi, params, s: jax.Array,
+                          logpsi_s: jax.Array, chunk: int = 0) -> jax.Array:
+    """`local_energies` inside a traced function: every (sample, bond) pair is padded in (a fixed
+    shape, no host-side count), at the price of evaluating the aligned pairs too."""
+    return _local(logpsi, params, s, logpsi_s, jnp.asarray(ham.bonds), jnp.asarray(ham.J),
+                  jnp.asarray(ham.off), s.shape[0] * len(ham.J), chunk)
+
+
 def apply_chunked(logpsi: LogPsi, params, s: jax.Array, chunk: int) -> jax.Array:
     """log psi of a batch, evaluated `chunk` configurations at a time (0: all at once)."""
     if chunk <= 0 or s.shape[0] < chunk:

@@ -13,7 +13,7 @@ from 1024 to 2048 samples, and the a they chose raised the energy), so the sampl
 guiding distribution
   p(s) ~ |psi(s)|^2 + b |((H - h1) psi)(s)|^2 = |psi(s)|^2 (1 + b |e1(s) - h1|^2),   b = 1 / m2,
 which covers both basis states, with weights w = |psi|^2 / p = 1 / (1 + b |e1 - h1|^2) <= 1. h1
-and m2 come from one block of local energies on |psi|^2. Then
+and m2 come from the caller's measurement of psi's energy and variance. Then
 1. a: the 2 x 2 generalized eigenproblem of the weighted means of conj(u_i) (H u_j) / psi and
    conj(u_i) u_j with u_0 = psi, u_1 = (H - h1) psi (real parts, symmetrized), on the first
    FIT_SHARE of the time;
@@ -30,6 +30,7 @@ those whose global index is a multiple of C / STEP_CHAINS, started from the chai
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -42,10 +43,10 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from . import dist, exact as exact_sums
-from .hamiltonian import Hamiltonian, _count, apply_chunked, connected_configs, local_energies
+from .hamiltonian import (Hamiltonian, _count, apply_chunked, connected_configs, local_energies,
+                          local_energies_traced)
 from .observables import draw_within
-from .sampler import (LANCZOS_BURN_IN, LANCZOS_FIT, LANCZOS_MOMENTS, LANCZOS_STEP,
-                      LANCZOS_STEP_BURN_IN, chain_keys)
+from .sampler import LANCZOS_BURN_IN, LANCZOS_FIT, LANCZOS_STEP, Samples
 from .state import VariationalState
 from .system import make_sampler
 
@@ -107,28 +108,19 @@ def local_pair(ham: Hamiltonian, logpsi: LogPsi, params, s: jax.Array, logpsi_s:
 @dataclass(frozen=True, eq=False)
 class GuidedAmplitude:
     """log sqrt(p) = log psi + log(1 + b |e1 - h1|^2) / 2 of a batch (B, N), the guiding
-    distribution's amplitude (module doc): log psi and the local energy from one forward pass
-    per bond (aligned bonds exchange nothing and are masked), `chunk` configurations at a time.
-    Hashable by identity: a sampler compiles once per instance."""
+    distribution's amplitude (module doc), with the local energy of every configuration
+    (`hamiltonian.local_energies_traced`: one forward pass per bond), `chunk` configurations at a
+    time. Hashable by identity: a sampler compiles once per instance."""
 
     logpsi: LogPsi
-    bonds: np.ndarray
-    J: np.ndarray
-    off: np.ndarray
+    ham: Hamiltonian
     h1: float
     b: float
     chunk: int
 
     def __call__(self, params, s: jax.Array) -> jax.Array:
-        B, N = s.shape
-        b0, b1 = self.bonds[:, 0], self.bonds[:, 1]
-        si, sj = s[:, b0], s[:, b1]
-        swap = (jax.nn.one_hot(b0, N, dtype=s.dtype) - jax.nn.one_hot(b1, N, dtype=s.dtype))
-        t = s[:, None, :] + (sj - si)[..., None] * swap[None]  # (B, bonds, N)
         lp = self.logpsi(params, s)
-        lp_t = apply_chunked(self.logpsi, params, t.reshape(-1, N), self.chunk).reshape(B, -1)
-        hop = jnp.where(si != sj, self.off * jnp.exp(lp_t - lp[:, None]), 0.0)
-        e1 = (si.astype(jnp.float64) * sj) @ self.J / 4 + hop.sum(axis=1)
+        e1 = local_energies_traced(self.ham, self.logpsi, params, s, lp, self.chunk)
         return lp + 0.5 * jnp.log1p(self.b * jnp.abs(e1 - self.h1) ** 2)
 
 
@@ -181,61 +173,50 @@ def jackknife(chain_sums: np.ndarray, chain_counts: np.ndarray,
     return g * whole - (g - 1) * mean, np.sqrt((g - 1) / g * spread)
 
 
-def lanczos_within(vstate: VariationalState, step_no: int, burn_in: int, block: int, most: int,
-                   until: float, safety: float, n_chains: int = STEP_CHAINS) -> dict[str, float]:
-    """One Lanczos step on `vstate` inside a time budget (see the module doc): h1 and m2 from one
-    block (`block` sweeps of every chain) of local energies after `burn_in` sweeps; then
+def lanczos_within(vstate: VariationalState, step_no: int, measured: dict, burn_in: int,
+                   most: int, until: float, safety: float, n_chains: int = STEP_CHAINS
+                   ) -> dict[str, float]:
+    """One Lanczos step on `vstate` inside a time budget (see the module doc), with h1 and m2
+    from `measured` (psi's energy_per_site and variance_per_site, `observables.energy_of`):
     `n_chains` of the chains (all when they do not divide evenly) under the guiding distribution,
-    `burn_in` sweeps, then one sweep at a time: stage 1 on up to `most` samples within FIT_SHARE
-    of the time, stage 2 on up to `most` until the next sweep, at the last one's cost times
-    `safety`, would end after `until`. Returns the energy per site (S.S units) of psi_1 with
-    its error, variance and V-score, `alpha` (a, in 1 / total-energy units), `shift` (h1,
-    total), `fit_samples` and `n_samples` (stages 1 and 2) and the acceptance under p."""
+    `burn_in` sweeps, then one sweep at a time (`observables.draw_within`): stage 1 on up to
+    `most` samples within FIT_SHARE of the time, stage 2 on up to `most` until the next sweep,
+    at the last one's cost times `safety`, would end after `until`. Returns the energy per site
+    (S.S units) of psi_1 with its error, variance and V-score, `alpha` (a, in 1 / total-energy
+    units), `shift` (h1, total), `fit_samples` and `n_samples` (stages 1 and 2) and stage 2's
+    acceptance under p."""
     sys = vstate.system
     ham, N = sys.hamiltonian, sys.n_sites
-    vs, energies, _ = draw_within(vstate, step_no, burn_in, block, 1, until, safety,
-                                  lambda v, smp: v.local_energies(smp),
-                                  purposes=(LANCZOS_BURN_IN, LANCZOS_MOMENTS))
-    st = vs.statistics(energies[0], block)
-    h1, b = float(st.mean.real), 1 / max(float(st.variance), 1e-300)
-    C, C_local = sys.cfg.sampler.n_chains, vs.chains.shape[0]
+    h1 = measured["energy_per_site"] * N
+    b = 1 / max(measured["variance_per_site"] * N, 1e-300)
+    C, C_local = sys.cfg.sampler.n_chains, vstate.chains.shape[0]
     stride = C // n_chains if C % n_chains == 0 and C_local % (C // n_chains) == 0 else 1
-    local = np.arange(0, C_local, stride)
-    ids = local + dist.rank() * C_local
-    guide = GuidedAmplitude(sys.logpsi, ham.bonds, ham.J, ham.off, h1, b, sys.chunk)
+    # The guided chains as a state of their own: C / stride chains in all, every rank keeping its
+    # multiples of stride, so their random streams do not depend on the rank count either.
+    cfg = dataclasses.replace(sys.cfg, sampler=dataclasses.replace(sys.cfg.sampler,
+                                                                   n_chains=C // stride))
+    guide = GuidedAmplitude(sys.logpsi, ham, h1, b, sys.chunk)
     sampler = make_sampler(sys.cfg, sys.lattice, ham, guide, max(1, sys.chunk // len(ham.J)))
-    chains = vs.chains[local]
-    keys = lambda purpose, k: chain_keys(sys.cfg.run.seed, purpose, step_no, ids, k)  # noqa: E731
-    for k in range(burn_in):
-        chains, _ = sampler.run(vs.params, chains, keys(LANCZOS_STEP_BURN_IN, k), 1)
-    accepted = proposed = 0
+    guided = vstate.replace(system=dataclasses.replace(sys, cfg=cfg, sampler=sampler),
+                            chains=vstate.chains[::stride])
 
-    def sweeps(values_of: Callable, stop: float, purpose: int) -> list[jax.Array]:
-        nonlocal chains, accepted, proposed
-        out: list[jax.Array] = []
-        while True:
-            t0 = time.perf_counter()
-            chains, smp = sampler.run(vs.params, chains, keys(purpose, len(out)), 1)
-            e1, e2 = local_pair(ham, sys.logpsi, vs.params, smp.s, sys.logpsi(vs.params, smp.s),
-                                sys.chunk)
-            out.append(jax.block_until_ready(values_of(e1, e2)))
-            accepted, proposed = accepted + smp.accepted, proposed + smp.proposed
-            now = time.perf_counter()
-            full = (len(out) + 1) * len(ids) * dist.size() > most
-            if dist.bcast_object(full or now + safety * (now - t0) > stop):
-                return out
+    def local(values_of: Callable) -> Callable[[VariationalState, Samples], jax.Array]:
+        return lambda vs, smp: values_of(*local_pair(ham, sys.logpsi, vs.params, smp.s,
+                                                     sys.logpsi(vs.params, smp.s), sys.chunk))
 
     now = time.perf_counter()
-    fit = sweeps(lambda e1, e2: _fit_values(e1, e2, h1, b), now + FIT_SHARE * (until - now),
-                 LANCZOS_FIT)
-    n_fit = len(fit) * len(ids) * dist.size()
+    guided, fit, _ = draw_within(guided, step_no, burn_in, 1, most, now + FIT_SHARE * (until - now),
+                                 safety, local(lambda e1, e2: _fit_values(e1, e2, h1, b)),
+                                 (LANCZOS_BURN_IN, LANCZOS_FIT))
+    n_fit = len(fit) * cfg.sampler.n_chains
     a = fit_a(dist.host_allreduce_sum(np.concatenate([np.asarray(v) for v in fit]).sum(0)) / n_fit)
-    measured = sweeps(lambda e1, e2: _energy_values(e1, e2, h1, b, a), until, LANCZOS_STEP)
-    values = np.stack([np.asarray(v) for v in measured])  # (sweeps, chains, 3)
-    (energy, variance), (error, _) = jackknife(values.sum(0), np.full(len(ids), len(values)),
+    _, measured_1, acceptance = draw_within(
+        guided, step_no, 0, 1, most, until, safety,
+        local(lambda e1, e2: _energy_values(e1, e2, h1, b, a)), (LANCZOS_BURN_IN, LANCZOS_STEP))
+    values = np.stack([np.asarray(v) for v in measured_1])  # (sweeps, local chains, 3)
+    (energy, variance), (error, _) = jackknife(values.sum(0), np.full(values.shape[1], len(values)),
                                                psi1_energy)
-    acc, prop = dist.host_allreduce_sum(np.array([accepted, proposed], float))
     return {"energy_per_site": energy / N, "energy_error": error / N,
             "variance_per_site": variance / N, "v_score": N * variance / energy ** 2,
             "alpha": a, "shift": h1, "fit_samples": n_fit, "n_samples": values.size // 3,
-            "acceptance": acc / max(prop, 1.0)}
+            "acceptance": acceptance}

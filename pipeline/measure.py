@@ -117,8 +117,8 @@ def measure(req: Request) -> dict[str, Any]:
             attrs = observables.energy_of(vs, smp, n_per_chain)
             arrays = observables.correlations(vs, smp, n_per_chain, system.chunk)
             if req.lanczos:
-                step = lanczos.lanczos_within(vs, snap.step, burn_in, 1, req.lanczos, float("inf"),
-                                              1.0)
+                step = lanczos.lanczos_within(vs, snap.step, attrs, burn_in, req.lanczos,
+                                              float("inf"), 1.0)
                 attrs |= {f"lanczos_{k}": v for k, v in step.items()}
             for key in ("singlet_weight", "singlet_weight_error"):
                 if key in arrays:

@@ -147,13 +147,13 @@ def measurements(state, cfg, deadline: Deadline, end: float, ref) -> tuple[dict,
         vs, state.step, PROJECTED_BURN_IN, block, PROJECTED_SAMPLES, end, SAFETY), ref)
 
 
-def lanczos_measurement(state, cfg, end: float, ref) -> dict:
+def lanczos_measurement(state, cfg, final: dict, end: float, ref) -> dict:
     """One Lanczos step on the trained state (`pipeline.lanczos`; its training projection, not
-    the full one, whose 16x costlier samples would be too few) on fresh samples until `end` (at
-    most LANCZOS_SAMPLES per stage), after sampler.n_thermalize burn-in sweeps."""
-    s = cfg.sampler
-    return with_reference(lanczos.lanczos_within(state.vstate, state.step, s.n_thermalize,
-                                                 s.n_samples // s.n_chains, LANCZOS_SAMPLES, end,
+    the full one, whose 16x costlier samples would be too few), with h1 and Var H from its
+    measurement `final`, on fresh samples until `end` (at most LANCZOS_SAMPLES per stage), after
+    sampler.n_thermalize burn-in sweeps."""
+    return with_reference(lanczos.lanczos_within(state.vstate, state.step, final,
+                                                 cfg.sampler.n_thermalize, LANCZOS_SAMPLES, end,
                                                  SAFETY), ref)
 
 
@@ -221,7 +221,7 @@ def bench(size: int, kind: str, seed: int, warm: float, minutes: float, exact_su
         final, projected, step = (with_reference(m, ref) for m in exact_of(state.vstate.params))
     else:
         final, projected = measurements(state, cfg, deadline, end - lanczos_s, ref)
-        step = (lanczos_measurement(state, cfg, end, ref) if lanczos_share > 0 else
+        step = (lanczos_measurement(state, cfg, final, end, ref) if lanczos_share > 0 else
                 {"energy_per_site": np.nan, "energy_error": np.nan, "relative_error": np.nan,
                  "n_samples": 0})
     return {"L": size, "attention": kind, "seed": seed, "warm": warm, "warm_steps": warm_steps,

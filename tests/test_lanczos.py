@@ -37,9 +37,8 @@ def test_local_values_and_the_guiding_amplitude_are_exact(setup) -> None:
     h_psi = h @ psi
     np.testing.assert_allclose(np.asarray(e1), h_psi[pick] / psi[pick], rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(np.asarray(e2), (h @ h_psi)[pick] / psi[pick], rtol=1e-9, atol=1e-9)
-    ham = system.hamiltonian
     b, h1 = 0.3, -5.0
-    guide = lanczos.GuidedAmplitude(system.logpsi, ham.bonds, ham.J, ham.off, h1, b, 0)
+    guide = lanczos.GuidedAmplitude(system.logpsi, system.hamiltonian, h1, b, 0)
     p = abs(psi) ** 2 + b * abs(h_psi - h1 * psi) ** 2
     ratio = np.exp(2 * np.asarray(guide(params, s)).real) / p[pick]  # one constant for every s
     np.testing.assert_allclose(ratio / ratio[0], 1.0, rtol=1e-9)
@@ -72,7 +71,8 @@ def test_sampled_step_matches_the_exact_energy_of_its_state(setup, kind: str) ->
                                     "sampler.n_thermalize": 20})
     N = system.n_sites
     vs = VariationalState.fresh(system, params)
-    got = lanczos.lanczos_within(vs, 0, 10, 2, 256 * 10, time.perf_counter() + 600, 1.3, 256)
+    measured = exact.expectation(h, psi, N)  # psi's energy and variance, for h1 and b
+    got = lanczos.lanczos_within(vs, 0, measured, 10, 256 * 10, time.perf_counter() + 600, 1.3, 256)
     assert got["n_samples"] == got["fit_samples"] == 256 * 10
     psi1 = psi + got["alpha"] * (h @ psi - got["shift"] * psi)
     want = exact.expectation(h, psi1 / np.linalg.norm(psi1), N)
