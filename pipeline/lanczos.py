@@ -13,16 +13,18 @@ from 1024 to 2048 samples, and the a they chose raised the energy), so the sampl
 guiding distribution
   p(s) ~ |psi(s)|^2 + b |((H - h1) psi)(s)|^2 = |psi(s)|^2 (1 + b |e1(s) - h1|^2),   b = 1 / m2,
 which covers both basis states, with weights w = |psi|^2 / p = 1 / (1 + b |e1 - h1|^2) <= 1. h1
-and m2 come from the caller's measurement of psi's energy and variance. Then
-1. a: the 2 x 2 generalized eigenproblem of the weighted means of conj(u_i) (H u_j) / psi and
-   conj(u_i) u_j with u_0 = psi, u_1 = (H - h1) psi (real parts, symmetrized), on the first
-   FIT_SHARE of the time;
-2. the energy of psi_1 = psi + a (H - h1) psi for that a on the rest, fresh samples:
-   <w Re conj(f) g> / <w |f|^2> with f = psi_1 / psi = 1 + a (e1 - h1) and g = (H psi_1) / psi =
-   e1 + a (e2 - h1 e1), and its variance <w |g - E f|^2> / <w |f|^2>; ratios of means, with the
-   jackknife over chains (bias-corrected; its error bar accounts for the correlation along a chain).
-Any a gives a variational energy, so the noise of stage 1 costs accuracy, never correctness; the
-energy is not minimized on the samples that measure it.
+and m2 come from the caller's measurement of psi's energy and variance. For psi_1 = psi + a u,
+u = (H - h1) psi, f = psi_1 / psi = 1 + a (e1 - h1) and g = (H psi_1) / psi = e1 + a (e2 - h1 e1),
+the energy <w Re conj(f) g> / <w |f|^2> and variance <w |g - E f|^2> / <w |f|^2> are quadratic
+in a over ten weighted means (`_values`), and the same means give the 2 x 2 generalized
+eigenproblem in {psi, u} whose lower vector is the best a (`fit_a`). Every sample serves both,
+by cross-fitting: the guided chains fall in two halves (even and odd global index); the a
+fitted on one half is measured on the other, and the result is the mean of the two energies
+(and variances), each that of a state psi_1 chosen without its measuring samples, so it is
+variational; minimizing on the samples that measure would bias it low. Errors: the jackknife
+over chains of that whole function (bias-corrected; it accounts for the correlation along a
+chain and for the noise of both fits). Any a gives a variational energy, so the noise of the
+fits costs accuracy, never correctness.
 Cost: e2 needs the local energy of every configuration connected to a sample (some 80^2 forward
 passes per sample on 6x6), and every Metropolis proposal under p a local energy (one forward pass
 per bond). The guided chains are therefore a subset (STEP_CHAINS), for rank-count independence
@@ -46,13 +48,12 @@ from . import dist, exact as exact_sums
 from .hamiltonian import (Hamiltonian, _count, apply_chunked, connected_configs, local_energies,
                           local_energies_traced)
 from .observables import draw_within
-from .sampler import LANCZOS_BURN_IN, LANCZOS_FIT, LANCZOS_STEP, Samples
+from .sampler import LANCZOS_BURN_IN, LANCZOS_STEP, Samples
 from .state import VariationalState
 from .system import make_sampler
 
 LogPsi = Callable[[object, jax.Array], jax.Array]
 STEP_CHAINS = 64  # chains under the guiding distribution (all of them when they do not divide)
-FIT_SHARE = 0.3  # of the time, at most, for stage 1 (a)
 
 
 def step(h1: float, h2: float, h3: float) -> tuple[float, float]:
@@ -125,37 +126,43 @@ class GuidedAmplitude:
 
 
 @jax.jit
-def _fit_values(e1: jax.Array, e2: jax.Array, h1: float, b: float) -> jax.Array:
-    """(n, 7) weighted local values of the 2 x 2 Rayleigh-Ritz matrices (stage 1)."""
+def _values(e1: jax.Array, e2: jax.Array, h1: float, b: float) -> jax.Array:
+    """(n, 10) weighted local values w (1, Re u, |u|^2, Re e1, Re hu, Re conj(u) e1,
+    Re conj(u) hu, |e1|^2, Re conj(e1) hu, |hu|^2), u = e1 - h1 and hu = e2 - h1 e1: the 2 x 2
+    Rayleigh-Ritz matrices and psi_1's energy and variance for any a are functions of their means."""
     u, hu = e1 - h1, e2 - h1 * e1
     w = 1 / (1 + b * jnp.abs(u) ** 2)
     return w[:, None] * jnp.stack([jnp.ones_like(w), u.real, jnp.abs(u) ** 2, e1.real, hu.real,
-                                   (jnp.conj(u) * e1).real, (jnp.conj(u) * hu).real], 1)
-
-
-@jax.jit
-def _energy_values(e1: jax.Array, e2: jax.Array, h1: float, b: float, a: float) -> jax.Array:
-    """(n, 3) weighted local values w (|f|^2, Re conj(f) g, |g|^2) of psi_1 (stage 2)."""
-    u = e1 - h1
-    w = 1 / (1 + b * jnp.abs(u) ** 2)
-    f, g = 1 + a * u, e1 + a * (e2 - h1 * e1)
-    return w[:, None] * jnp.stack([jnp.abs(f) ** 2, (jnp.conj(f) * g).real, jnp.abs(g) ** 2], 1)
+                                   (jnp.conj(u) * e1).real, (jnp.conj(u) * hu).real,
+                                   jnp.abs(e1) ** 2, (jnp.conj(e1) * hu).real,
+                                   jnp.abs(hu) ** 2], 1)
 
 
 def fit_a(means: np.ndarray) -> float:
-    """a of the lower Rayleigh-Ritz vector from the means of `_fit_values`."""
-    w, u, uu, e1, hu, ue1, uhu = means
-    S = np.array([[w, u], [u, uu]])
+    """a of the lower Rayleigh-Ritz vector from the means of `_values`."""
+    w, u, uu, e1, hu, ue1, uhu = means[:7]
     off = (hu + ue1) / 2
-    vals, vecs = scipy.linalg.eigh(np.array([[e1, off], [off, uhu]]), S)
+    _, vecs = scipy.linalg.eigh(np.array([[e1, off], [off, uhu]]), np.array([[w, u], [u, uu]]))
     return float(vecs[1, 0] / vecs[0, 0])
 
 
-def psi1_energy(means: np.ndarray) -> np.ndarray:
-    """(energy, variance) of psi_1 from the means of `_energy_values`."""
-    ff, fg, gg = means
+def psi1_energy(means: np.ndarray, a: float) -> np.ndarray:
+    """(energy, variance) of psi_1 = psi + a u from the means of `_values`: |f|^2,
+    Re conj(f) g and |g|^2 expanded in a."""
+    w, u, uu, e1, hu, ue1, uhu, e1e1, e1hu, huhu = means
+    ff = w + 2 * a * u + a * a * uu
+    fg = e1 + a * (hu + ue1) + a * a * uhu
+    gg = e1e1 + 2 * a * e1hu + a * a * huhu
     e = fg / ff
     return np.array([e, gg / ff - e * e])
+
+
+def cross_fit(means: np.ndarray) -> np.ndarray:
+    """(energy, variance, a_0, a_1) from the means (20,) of `_values` on the two halves of the
+    chains (any common scale): each half's a measured on the other half, the two averaged."""
+    m0, m1 = means[:10], means[10:]
+    a0, a1 = fit_a(m0), fit_a(m1)
+    return np.concatenate([(psi1_energy(m1, a0) + psi1_energy(m0, a1)) / 2, [a0, a1]])
 
 
 def jackknife(chain_sums: np.ndarray, chain_counts: np.ndarray,
@@ -179,12 +186,12 @@ def lanczos_within(vstate: VariationalState, step_no: int, measured: dict, burn_
     """One Lanczos step on `vstate` inside a time budget (see the module doc), with h1 and m2
     from `measured` (psi's energy_per_site and variance_per_site, `observables.energy_of`):
     `n_chains` of the chains (all when they do not divide evenly) under the guiding distribution,
-    `burn_in` sweeps, then one sweep at a time (`observables.draw_within`): stage 1 on up to
-    `most` samples within FIT_SHARE of the time, stage 2 on up to `most` until the next sweep,
-    at the last one's cost times `safety`, would end after `until`. Returns the energy per site
-    (S.S units) of psi_1 with its error, variance and V-score, `alpha` (a, in 1 / total-energy
-    units), `shift` (h1, total), `fit_samples` and `n_samples` (stages 1 and 2) and stage 2's
-    acceptance under p."""
+    `burn_in` sweeps, then one sweep at a time (`observables.draw_within`) on up to `most`
+    samples, until the next sweep, at the last one's cost times `safety`, would end after
+    `until`. Returns the energy per site (S.S units) of psi_1, cross-fitted, with its error,
+    variance and V-score, `alpha_halves` (the a fitted on each half of the chains, in
+    1 / total-energy units) and their mean `alpha`, `shift` (h1, total), `fit_samples` (each a's
+    samples, half of them), `n_samples` and the acceptance under p."""
     sys = vstate.system
     ham, N = sys.hamiltonian, sys.n_sites
     h1 = measured["energy_per_site"] * N
@@ -200,23 +207,23 @@ def lanczos_within(vstate: VariationalState, step_no: int, measured: dict, burn_
     guided = vstate.replace(system=dataclasses.replace(sys, cfg=cfg, sampler=sampler),
                             chains=vstate.chains[::stride])
 
-    def local(values_of: Callable) -> Callable[[VariationalState, Samples], jax.Array]:
-        return lambda vs, smp: values_of(*local_pair(ham, sys.logpsi, vs.params, smp.s,
-                                                     sys.logpsi(vs.params, smp.s), sys.chunk))
+    def values(vs: VariationalState, smp: Samples) -> jax.Array:
+        lp = sys.logpsi(vs.params, smp.s)
+        return _values(*local_pair(ham, sys.logpsi, vs.params, smp.s, lp, sys.chunk), h1, b)
 
-    now = time.perf_counter()
-    guided, fit, _ = draw_within(guided, step_no, burn_in, 1, most, now + FIT_SHARE * (until - now),
-                                 safety, local(lambda e1, e2: _fit_values(e1, e2, h1, b)),
-                                 (LANCZOS_BURN_IN, LANCZOS_FIT))
-    n_fit = len(fit) * cfg.sampler.n_chains
-    a = fit_a(dist.host_allreduce_sum(np.concatenate([np.asarray(v) for v in fit]).sum(0)) / n_fit)
-    _, measured_1, acceptance = draw_within(
-        guided, step_no, 0, 1, most, until, safety,
-        local(lambda e1, e2: _energy_values(e1, e2, h1, b, a)), (LANCZOS_BURN_IN, LANCZOS_STEP))
-    values = np.stack([np.asarray(v) for v in measured_1])  # (sweeps, local chains, 3)
-    (energy, variance), (error, _) = jackknife(values.sum(0), np.full(values.shape[1], len(values)),
-                                               psi1_energy)
+    _, drawn, acceptance = draw_within(guided, step_no, burn_in, 1, most, until, safety, values,
+                                       (LANCZOS_BURN_IN, LANCZOS_STEP))
+    sums = np.stack([np.asarray(v) for v in drawn]).sum(0)  # (local chains, 10)
+    n_local = len(sums)
+    odd = (np.arange(n_local) + dist.rank() * n_local) % 2 == 1  # the halves, by global index
+    halves = np.concatenate([np.where(odd[:, None], 0.0, sums), np.where(odd[:, None], sums, 0.0)],
+                            1)
+    (energy, variance), (error, _) = jackknife(halves, np.full(n_local, len(drawn)),
+                                               lambda m: cross_fit(m)[:2])
+    a0, a1 = cross_fit(dist.host_allreduce_sum(halves.sum(0)))[2:]
+    n = len(drawn) * cfg.sampler.n_chains
     return {"energy_per_site": energy / N, "energy_error": error / N,
             "variance_per_site": variance / N, "v_score": N * variance / energy ** 2,
-            "alpha": a, "shift": h1, "fit_samples": n_fit, "n_samples": values.size // 3,
+            "alpha": (a0 + a1) / 2, "alpha_halves": np.array([a0, a1]), "shift": h1,
+            "fit_samples": n // 2, "n_samples": n,
             "acceptance": acceptance}

@@ -11,8 +11,9 @@ sampler.n_thermalize), samples `--n-samples` configurations (default sampler.n_s
 writes the group /measurements/<NAME> into the run's results.h5 (NAME defaults to
 step<STEP>_<symmetry>, with _2, _3, ... appended when taken). `--lanczos N` adds one Lanczos
 step on the measured state (`pipeline.lanczos`: the energy of psi + a (H - <H>) psi at its best a,
-a variational energy below the state's own), up to N samples for each of its two stages, from 64
-of the chains; a sample costs about what the local energies of 160 samples cost. Works on one
+a variational energy below the state's own) on N samples from 64 of the chains, a fitted on one
+half of them and measured on the other, both ways; a sample costs about what the local energies
+of 160 samples cost. Works on one
 rank, under mpirun or srun (the samples do not depend on the rank count), and as a SLURM job:
 `launcher=slurm` submits it with the run's launcher settings, changed by `launcher.KEY=VALUE`
 arguments.
@@ -22,8 +23,9 @@ arguments.
             n_samples, symmetry, step, seed, burn_in, units; singlet_weight (+ _error) on the
             Shastry-Sutherland lattice; with --lanczos N: lanczos_energy_per_site,
             lanczos_energy_error, lanczos_variance_per_site, lanczos_v_score,
-            lanczos_acceptance, lanczos_alpha (the a above, in 1 / total-energy units),
-            lanczos_shift (<H>, total), lanczos_fit_samples, lanczos_n_samples
+            lanczos_acceptance, lanczos_alpha (the mean of the a above, in 1 / total-energy
+            units), lanczos_alpha_halves (the two a: one per half), lanczos_shift (<H>,
+            total), lanczos_fit_samples (each a's: half), lanczos_n_samples
   datasets  correlation, correlation_error, correlation_zz, structure_factor,
             structure_factor_error, dimer_correlation, dimer_correlation_error: (L, L) arrays
             indexed by displacement (dx, dy) or by q = 2 pi (kx, ky) / L (see `observables`)

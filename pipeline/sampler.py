@@ -31,8 +31,8 @@ from .hamiltonian import Hamiltonian, apply_chunked
 # Purposes of the random streams (the second fold_in). FINAL_BURN_IN: the sweeps discarded before
 # a measurement, under the parameters being measured.
 INIT, THERMALIZE, STEP, FINAL, FINAL_BURN_IN = 0, 1, 2, 3, 4
-# A Lanczos step's measurement (`lanczos`): the guided chains' burn-in, fit of a, energy of psi_1.
-LANCZOS_BURN_IN, LANCZOS_FIT, LANCZOS_STEP = 5, 6, 7
+# A Lanczos step's measurement (`lanczos`): the guided chains' burn-in and samples.
+LANCZOS_BURN_IN, LANCZOS_STEP = 5, 6
 
 
 class Samples(NamedTuple):

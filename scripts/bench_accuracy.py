@@ -150,7 +150,7 @@ def measurements(state, cfg, deadline: Deadline, end: float, ref) -> tuple[dict,
 def lanczos_measurement(state, cfg, final: dict, end: float, ref) -> dict:
     """One Lanczos step on the trained state (`pipeline.lanczos`; its training projection, not
     the full one, whose 16x costlier samples would be too few), with h1 and Var H from its
-    measurement `final`, on fresh samples until `end` (at most LANCZOS_SAMPLES per stage), after
+    measurement `final`, on fresh samples until `end` (at most LANCZOS_SAMPLES), after
     sampler.n_thermalize burn-in sweeps."""
     return with_reference(lanczos.lanczos_within(state.vstate, state.step, final,
                                                  cfg.sampler.n_thermalize, LANCZOS_SAMPLES, end,
@@ -241,6 +241,7 @@ def bench(size: int, kind: str, seed: int, warm: float, minutes: float, exact_su
             "lanczos_energy": step["energy_per_site"], "lanczos_error": step["energy_error"],
             "lanczos_relative_error": step["relative_error"], "lanczos_v_score": step.get("v_score", np.nan),
             "lanczos_alpha": step.get("alpha", np.nan),
+            "lanczos_alpha_halves": [float(a) for a in step.get("alpha_halves", [])],
             "final_samples": final["n_samples"], "projected_samples": projected["n_samples"],
             "lanczos_samples": step["n_samples"],
             "measure_seconds": time.perf_counter() - t_final,
@@ -275,7 +276,8 @@ def report(rows: list[dict], minutes: float) -> None:
             print(f"{r['attention']} seed {r['seed']} warm {r['warm']:g}: one Lanczos step on the trained "
                   f"state: E/N = {r['lanczos_energy']:.6f} ± {r['lanczos_error']:.6f}, "
                   f"rel. error {r['lanczos_relative_error']:.2e}, V-score {r['lanczos_v_score']:.4f} "
-                  f"({'exact' if r['measure'] == 'exact' else str(r['lanczos_samples']) + ' samples'})")
+                  f"({'exact' if r['measure'] == 'exact' else str(r['lanczos_samples']) + ' samples'}; "
+                  f"a = {', '.join(f'{a:.4f}' for a in r['lanczos_alpha_halves'] or [r['lanczos_alpha']])})")
         print(f"{r['attention']} seed {r['seed']} warm {r['warm']:g}{at}: {inside} the budget{tail}; warm-up "
               f"steps {r['warm_steps']}; rollbacks {r['rollbacks']}; final measurements "
               f"{r['measure_seconds']:.0f} s ({how}); median "

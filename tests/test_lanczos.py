@@ -62,10 +62,10 @@ def test_exact_step_is_the_krylov_minimum(setup) -> None:
 
 
 @pytest.mark.parametrize("kind", ["exact", "exchange"])
-def test_sampled_step_matches_the_exact_energy_of_its_state(setup, kind: str) -> None:
-    """Stage 1's a is noisy, so the sampled energy is compared with the exact energy of the
-    psi_1 it chose (a and h1 as returned), which must also be near the best step's; all 256
-    chains run under the guiding distribution."""
+def test_sampled_step_matches_the_exact_energy_of_its_states(setup, kind: str) -> None:
+    """Each half's a is noisy, so the sampled (cross-fitted) energy is compared with the mean
+    exact energy of the two psi_1 it chose (the a of each half and h1, as returned), which must
+    also be near the best step's; all 256 chains run under the guiding distribution."""
     _, params, h, _, psi = setup
     system = system_for(**SMALL, **{"sampler.kind": kind, "sampler.n_chains": 256,
                                     "sampler.n_thermalize": 20})
@@ -73,12 +73,38 @@ def test_sampled_step_matches_the_exact_energy_of_its_state(setup, kind: str) ->
     vs = VariationalState.fresh(system, params)
     measured = exact.expectation(h, psi, N)  # psi's energy and variance, for h1 and b
     got = lanczos.lanczos_within(vs, 0, measured, 10, 256 * 10, time.perf_counter() + 600, 1.3, 256)
-    assert got["n_samples"] == got["fit_samples"] == 256 * 10
-    psi1 = psi + got["alpha"] * (h @ psi - got["shift"] * psi)
-    want = exact.expectation(h, psi1 / np.linalg.norm(psi1), N)
+    assert got["n_samples"] == 2 * got["fit_samples"] == 256 * 10
+    states = [psi + a * (h @ psi - got["shift"] * psi) for a in got["alpha_halves"]]
+    exact_of = [exact.expectation(h, p / np.linalg.norm(p), N) for p in states]
+    want = {k: np.mean([e[k] for e in exact_of]) for k in ("energy_per_site", "variance_per_site")}
+    assert got["alpha"] == pytest.approx(np.mean(got["alpha_halves"]), rel=1e-12)
     assert 0 < got["energy_error"] < 5e-3
     assert abs(got["energy_per_site"] - want["energy_per_site"]) < 4 * got["energy_error"], got
     assert got["variance_per_site"] == pytest.approx(want["variance_per_site"], rel=0.25)
     best = lanczos.exact(h, psi, N)["energy_per_site"]
     gain = exact.expectation(h, psi, N)["energy_per_site"] - best
-    assert want["energy_per_site"] < best + 0.1 * gain
+    assert max(e["energy_per_site"] for e in exact_of) < best + 0.1 * gain
+
+
+def test_cross_fit_measures_each_half_s_a_on_the_other_half() -> None:
+    """`cross_fit` on synthetic means: the energy of a at a = 0 is e1 / w, each half's a is the
+    Rayleigh-Ritz vector of its own means, and the energy is the mean of each a measured on the
+    other half (so swapping the halves changes nothing)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 4, 3))  # two halves: 4 'samples' of (psi, u, H psi, H u) weights
+    halves = []
+    for v in x:
+        w, u = 1.0 + 0 * v[:, 0], v[:, 0]
+        e1, hu = -1.0 + 0.3 * v[:, 1], 0.5 * v[:, 2]
+        halves.append(np.mean([w, u, u * u, e1, hu, u * e1, u * hu, e1 * e1, e1 * hu, hu * hu], 1))
+    m0, m1 = halves
+    assert lanczos.psi1_energy(m0, 0.0)[0] == pytest.approx(m0[3] / m0[0])
+    a0, a1 = lanczos.fit_a(m0), lanczos.fit_a(m1)
+    for a, m in ((a0, m0), (a1, m1)):  # the fitted a minimizes its own half's energy
+        e = lambda x: lanczos.psi1_energy(m, x)[0]
+        assert e(a) <= min(e(a - 1e-3), e(a + 1e-3))
+    got = lanczos.cross_fit(np.concatenate([m0, m1]))
+    want = (lanczos.psi1_energy(m1, a0) + lanczos.psi1_energy(m0, a1)) / 2
+    np.testing.assert_allclose(got, [*want, a0, a1], rtol=1e-12)
+    np.testing.assert_allclose(lanczos.cross_fit(np.concatenate([m1, m0])), [*want, a1, a0],
+                               rtol=1e-12)

@@ -148,7 +148,7 @@ def measure_cli(run_dir, *args: str, launcher=()):
 def test_measured_correlations_of_a_trained_state_match_exact_diagonalization(trained) -> None:
     before = {k: os.path.getmtime(os.path.join(trained, "checkpoints", k))
               for k in os.listdir(os.path.join(trained, "checkpoints"))}
-    out = measure_cli(trained, "--n-samples", "4096", "--lanczos", "2048")
+    out = measure_cli(trained, "--n-samples", "4096", "--lanczos", "4096")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "measured step80_none: E/N = " in out.stdout and "one Lanczos step: E/N = " in out.stdout
     c = results.load(os.path.join(trained, "results.h5"))
@@ -172,7 +172,7 @@ def test_measured_correlations_of_a_trained_state_match_exact_diagonalization(tr
     # the Lanczos step lowers the energy and the variance and stays above the ground state's
     # energy (its exact value: tests/test_lanczos.py)
     step, err = attrs["lanczos_energy_per_site"], attrs["lanczos_energy_error"]
-    assert attrs["lanczos_n_samples"] == attrs["lanczos_fit_samples"] == 2048 and 0 < err < 2e-3
+    assert attrs["lanczos_n_samples"] == 2 * attrs["lanczos_fit_samples"] == 4096 and 0 < err < 2e-3
     assert -0.5286202095 - 4 * err < step < attrs["energy_per_site"] - 4 * err, (step, err)
     assert attrs["lanczos_variance_per_site"] < attrs["variance_per_site"]
     tol = np.sqrt(rel)
@@ -200,9 +200,10 @@ def test_measurement_on_two_ranks_equals_one_rank(trained) -> None:
     a, b = c.group("measurements/one"), c.group("measurements/two")
     for key in ("structure_factor", "correlation", "dimer_correlation"):
         np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-10, err_msg=key)
-    for key in ("energy_per_site", "lanczos_energy_per_site", "lanczos_energy_error"):
+    for key in ("energy_per_site", "lanczos_energy_per_site", "lanczos_energy_error",
+                "lanczos_alpha_halves"):
         ea, eb = (c.groups[f"measurements/{k}"][key] for k in ("one", "two"))
-        assert eb == pytest.approx(ea, abs=1e-12), key
+        np.testing.assert_allclose(eb, ea, rtol=0, atol=1e-12, err_msg=key)
 
 
 def test_measure_refusals_are_one_line(trained, tmp_path) -> None:
