@@ -128,8 +128,9 @@ class GuidedAmplitude:
 @jax.jit
 def _values(e1: jax.Array, e2: jax.Array, h1: float, b: float) -> jax.Array:
     """(n, 10) weighted local values w (1, Re u, |u|^2, Re e1, Re hu, Re conj(u) e1,
-    Re conj(u) hu, |e1|^2, Re conj(e1) hu, |hu|^2), u = e1 - h1 and hu = e2 - h1 e1: the 2 x 2
-    Rayleigh-Ritz matrices and psi_1's energy and variance for any a are functions of their means."""
+    Re conj(u) hu, |e1|^2, Re conj(e1) hu, |hu|^2), u = e1 - h1 and hu = e2 - h1 e1: the
+    2 x 2 Rayleigh-Ritz matrices and psi_1's energy and variance for any a are functions of
+    their means."""
     u, hu = e1 - h1, e2 - h1 * e1
     w = 1 / (1 + b * jnp.abs(u) ** 2)
     return w[:, None] * jnp.stack([jnp.ones_like(w), u.real, jnp.abs(u) ** 2, e1.real, hu.real,
