@@ -33,7 +33,6 @@ those whose global index is a multiple of C / STEP_CHAINS, started from the chai
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
