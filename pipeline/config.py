@@ -61,6 +61,14 @@ class GramDtype(StrEnum):
     float32 = "float32"
 
 
+class ComputeDtype(StrEnum):
+    """Arithmetic of the ViT's forward and backward passes (parameters stay float64; log psi,
+    local energies and SR are float64 either way)."""
+
+    float64 = "float64"
+    float32 = "float32"
+
+
 class SamplerKind(StrEnum):
     """exchange: Metropolis with spin-exchange moves | exact: independent draws from |psi|^2 over
     the whole Sz = 0 sector (N <= 20), with local energies from the sparse Hamiltonian."""
@@ -106,6 +114,7 @@ class ModelConfig:
     symmetry: Symmetry = Symmetry.none
     chunk_size: int = 0  # configurations per forward pass and samples per Jacobian chunk (0: automatic
     # forward chunks from a memory budget, budget.forward_chunk; the Jacobian in one piece)
+    dtype: ComputeDtype = ComputeDtype.float64  # arithmetic of the network's passes (params: float64)
 
     @property
     def name(self) -> str:

@@ -58,7 +58,8 @@ class System:
         ham = Hamiltonian.build(lat, h.J1, h.J2, h.marshall_sign)
         m = cfg.model
         model = ViT(L=lat.L, patch=lat.patch, d=m.d, heads=m.heads, layers=m.layers,
-                    attention=str(m.attention), translation_invariant=m.translation_invariant)
+                    attention=str(m.attention), translation_invariant=m.translation_invariant,
+                    dtype=str(m.dtype))
         logpsi = project(partial(_apply, model), *group(lat, str(m.symmetry)))
         platform = jax.default_backend()
         chunk = forward_chunk(cfg, platform)

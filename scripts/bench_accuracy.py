@@ -324,6 +324,9 @@ def main() -> None:
     if warm_L == args.size and any(warms) and args.warm_j2 is None:
         ap.error(f"--warm on the run's own lattice ({warm_L}x{warm_L}) needs --warm-j2 (a warm "
                  f"start at another coupling) or --warm-size below {args.size}")
+    for folder in (args.save, args.json and os.path.dirname(os.path.abspath(args.json))):
+        if folder:  # now, not after an hour of training
+            os.makedirs(folder, exist_ok=True)
     small = args.size ** 2 <= exact.MAX_SITES
     if args.measure == "exact" and not small:
         ap.error(f"--measure exact needs at most {exact.MAX_SITES} sites; {args.size}x{args.size} "

@@ -4,6 +4,7 @@ schedules at their final values."""
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 import time
@@ -221,12 +222,13 @@ def test_accuracy_benchmark_with_exact_final_energies_keeps_its_budget(tmp_path)
     default there) on a small model and a 0.8-minute budget: the warm start at the other coupling
     and the run at J2 = 0.5 both step inside it, with exact energies above the exact ground state
     and relative errors computed from them, and no rollback (the collapse test stays quiet on a
-    healthy run of few samples)."""
-    out = tmp_path / "rows.json"
+    healthy run of few samples). The folders of --json and --save do not exist yet: they are
+    created at start, and the trained state is saved."""
+    out, saved = tmp_path / "new" / "rows.json", tmp_path / "saved" / "states"
     small = ["model.d=8", "model.heads=2", "sampler.n_samples=256", "sampler.n_chains=128"]
     proc = subprocess.run([sys.executable, "scripts/bench_accuracy.py", "--minutes", "0.8",
                            "--kinds", "factored", "--warm", "0.3", "--warm-j2", "0.55",
-                           "--json", str(out), *small],
+                           "--json", str(out), "--save", str(saved), *small],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (row,) = json.loads(out.read_text())
@@ -235,6 +237,8 @@ def test_accuracy_benchmark_with_exact_final_energies_keeps_its_budget(tmp_path)
     assert (row["J2"], row["warm_j2"]) == (0.5, 0.55), row
     assert row["wall_minutes"] <= 0.8 + 0.05 and row["steps"] > 2 and row["warm_steps"] > 2, row
     assert row["rollbacks"] == 0 and "rollbacks 0" in proc.stdout, row  # no false collapse
+    with open(saved / "factored_seed0_warm0.3.pkl", "rb") as f:
+        assert pickle.load(f)["step"] == row["steps"]
     for e, err, rel in (("energy_per_site", "energy_error", "relative_error"),
                         ("projected_energy", "projected_error", "projected_relative_error")):
         assert row[e] > e0 and row[err] == 0.0, row

@@ -2,7 +2,8 @@
 
 Both act on x of shape (..., n, d) for n patches and mix values V = x W_V per head; W_O mixes
 heads back. `displacement` is the (n, n) table of periodic patch displacements r_i - r_j used by
-the translation-invariant weights and by the relative-position bias.
+the translation-invariant weights and by the relative-position bias. Parameters are float64;
+`dtype` is the arithmetic (model.dtype).
 """
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ import numpy as np
 from .. import backend  # noqa: F401  (device pinning, float64)
 
 DT = jnp.float64
+
+
+def _dense(d: int, dtype: jnp.dtype):
+    """A bias-free d -> d map with float64 parameters computing in `dtype`, by name."""
+    return lambda name: nn.Dense(d, use_bias=False, dtype=dtype, param_dtype=DT, name=name)
 
 
 def _split_heads(v: jnp.ndarray, heads: int) -> jnp.ndarray:
@@ -30,6 +36,7 @@ class FactoredAttention(nn.Module):
     heads: int
     displacement: np.ndarray
     translation_invariant: bool = True
+    dtype: jnp.dtype = DT
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -41,9 +48,10 @@ class FactoredAttention(nn.Module):
         else:
             alpha = self.param("alpha", init, (self.heads, n, n), DT)
         self.sow("intermediates", "attention", alpha)  # (heads, n, n): the same for every input
-        v = _split_heads(nn.Dense(d, use_bias=False, param_dtype=DT, name="W_V")(x), self.heads)
-        out = jnp.einsum("hij,...jhk->...ihk", alpha, v).reshape(*x.shape[:-1], d)
-        return nn.Dense(d, use_bias=False, param_dtype=DT, name="W_O")(out)
+        dense = _dense(d, self.dtype)
+        v = _split_heads(dense("W_V")(x), self.heads)
+        out = jnp.einsum("hij,...jhk->...ihk", alpha.astype(self.dtype), v).reshape(*x.shape[:-1], d)
+        return dense("W_O")(out)
 
 
 class StandardAttention(nn.Module):
@@ -56,17 +64,19 @@ class StandardAttention(nn.Module):
 
     heads: int
     displacement: np.ndarray
+    dtype: jnp.dtype = DT
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         n, d = x.shape[-2:]
         dh = d // self.heads
-        dense = lambda name: nn.Dense(d, use_bias=False, param_dtype=DT, name=name)  # noqa: E731
+        dense = _dense(d, self.dtype)
         q = _split_heads(dense("W_Q")(x), self.heads)
         k = _split_heads(dense("W_K")(x), self.heads)
         v = _split_heads(dense("W_V")(x), self.heads)
         bias = self.param("bias", nn.initializers.normal(stddev=1.0), (self.heads, n), DT)
-        logits = jnp.einsum("...ihk,...jhk->...hij", q, k) / np.sqrt(dh) + bias[:, self.displacement]
+        logits = (jnp.einsum("...ihk,...jhk->...hij", q, k) / float(np.sqrt(dh))
+                  + bias[:, self.displacement].astype(self.dtype))
         w = nn.softmax(logits, axis=-1)
         self.sow("intermediates", "attention", w)
         out = jnp.einsum("...hij,...jhk->...ihk", w, v).reshape(*x.shape[:-1], d)

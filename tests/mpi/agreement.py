@@ -3,8 +3,9 @@ this was launched with, and save energies and parameters (rank 0) per case, for 
 rank counts. All cases in one process: one start-up (imports, MPI, the shared compilations) per
 rank count instead of one per case.
 
-usage: [mpirun -n K] python agreement.py OUT_DIR N_STEPS SOLVER:GRAM_DTYPE:GRAM_BUILD:SAMPLER ...
-writes OUT_DIR/SOLVER-GRAM_DTYPE-GRAM_BUILD-SAMPLER.npz for each case
+usage: [mpirun -n K] python agreement.py OUT_DIR N_STEPS CASE ...
+  CASE = SOLVER:GRAM_DTYPE:GRAM_BUILD:SAMPLER:MODEL_DTYPE
+writes OUT_DIR/SOLVER-GRAM_DTYPE-GRAM_BUILD-SAMPLER-MODEL_DTYPE.npz for each case
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from pipeline.system import System
 MAX_STEP = 0.05  # binds on some of the steps (test_mpi checks that it does)
 
 
-def config(solver: str, n_steps: int, gram_dtype: str, gram_build: str, sampler: str) -> Config:
+def config(solver: str, n_steps: int, gram_dtype: str, gram_build: str, sampler: str,
+           model_dtype: str) -> Config:
     c = Config()
+    c.model.dtype = model_dtype  # float32: the network's passes in single precision
     c.sampler.kind = sampler  # exact: every rank evaluates the whole table, draws its own chains
     c.model.d, c.model.heads = 8, 2
     c.sampler.n_samples, c.sampler.n_chains, c.sampler.n_thermalize = 192, 96, 4  # 96: 1, 2, 3 ranks
@@ -60,9 +63,9 @@ def main(out_dir: str, n_steps: str, *cases: str) -> None:
     compile_cache.enable("auto")  # the suite's (VITNQS_COMPILE_CACHE), as the jobs use
     with dist.abort_on_error():
         for case in cases:
-            solver, gram_dtype, gram_build, sampler = case.split(":")
+            solver, gram_dtype, gram_build, sampler, model_dtype = case.split(":")
             run_case(os.path.join(out_dir, case.replace(":", "-") + ".npz"),
-                     config(solver, int(n_steps), gram_dtype, gram_build, sampler))
+                     config(solver, int(n_steps), gram_dtype, gram_build, sampler, model_dtype))
 
 
 if __name__ == "__main__":
