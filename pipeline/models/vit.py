@@ -39,8 +39,8 @@ class ViT(nn.Module):
 
     attention: 'factored' or 'standard'; translation_invariant applies to factored weights (the
     standard kind always uses a relative-position bias). All parameters are real float64; the
-    output is complex128. dtype: the arithmetic of the pass ('float64', or 'float32': about a
-    quarter faster on CPU, log psi then carries single-precision round-off of about 1e-6).
+    output is complex128. dtype: the arithmetic of the pass ('float64', or 'float32': local
+    energies a quarter faster on CPU, log psi then carries single-precision round-off, ~1e-5).
     """
 
     L: int
