@@ -54,16 +54,10 @@ class Solver(StrEnum):
     kernel_gather = "kernel_gather"
 
 
-class GramDtype(StrEnum):
-    """Accumulation of the kernel solvers' Gram matrix X X^T (the system is solved in float64)."""
-
-    float64 = "float64"
-    float32 = "float32"
-
-
-class ComputeDtype(StrEnum):
-    """Arithmetic of the ViT's forward and backward passes (parameters stay float64; log psi,
-    local energies and SR are float64 either way)."""
+class Precision(StrEnum):
+    """Floating-point precision of one part of the computation: the ViT's forward and backward
+    passes (model.dtype; parameters, log psi, local energies and SR stay float64 either way) or
+    the accumulation of the kernel solvers' X X^T (optimizer.gram_dtype; solved in float64)."""
 
     float64 = "float64"
     float32 = "float32"
@@ -114,7 +108,7 @@ class ModelConfig:
     symmetry: Symmetry = Symmetry.none
     chunk_size: int = 0  # configurations per forward pass and samples per Jacobian chunk (0: automatic
     # forward chunks from a memory budget, budget.forward_chunk; the Jacobian in one piece)
-    dtype: ComputeDtype = ComputeDtype.float64  # arithmetic of the network's passes (params: float64)
+    dtype: Precision = Precision.float64  # arithmetic of the network's passes (params: float64)
 
     @property
     def name(self) -> str:
@@ -146,7 +140,7 @@ class OptimizerConfig:
     phase_scale: float = 1.0  # phase time step / amplitude time step (1: plain SR)
     phase_scale_final: float = 1.0  # decays geometrically to this value, like diag_shift
     max_step: float = 0.0  # trust region: longest update, lr sqrt(d^T S d) (0: no limit)
-    gram_dtype: GramDtype = GramDtype.float64  # kernel solvers: X X^T accumulated in this dtype
+    gram_dtype: Precision = Precision.float64  # kernel solvers: X X^T accumulated in this dtype
     gram_build: GramBuild = GramBuild.blas  # kernel solvers on CPU: X X^T by host BLAS or XLA
     cg_tol: float = 1e-6
     cg_maxiter: int = 200
