@@ -114,8 +114,9 @@ class Driver:
         return self.preconditioner.solver
 
     def fresh_state(self, params=None) -> RunState:
-        """Step 0: parameters from the seed (or `params`, e.g. a warm start), fresh chains."""
-        vs = VariationalState.fresh(self.system, params)
+        """Step 0: parameters from the seed, or `params` (a warm start: its chains may begin at
+        the ordered pattern its |psi|^2 favours, `VariationalState.fresh`), fresh chains."""
+        vs = VariationalState.fresh(self.system, params, warm=params is not None)
         return RunState(0, vs, self.preconditioner.init(vs.params))
 
     def templates(self) -> tuple[Any, SRState]:

@@ -22,7 +22,8 @@ import numpy as np
 
 from . import dist
 from .hamiltonian import local_energies
-from .sampler import INIT, THERMALIZE, Samples, chain_keys, init_chains
+from .sampler import (INIT, START, THERMALIZE, Samples, chain_keys, init_chains, ordered_patterns,
+                      ordered_starts)
 from .stats import Stats, energy_stats
 from .system import System
 
@@ -50,10 +51,17 @@ class VariationalState:
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
-    def fresh(cls, system: System, params=None) -> "VariationalState":
-        """Parameters from the seed (or given), broadcast from rank 0, and thermalized chains."""
+    def fresh(cls, system: System, params=None, warm: bool = False) -> "VariationalState":
+        """Parameters from the seed (or given), broadcast from rank 0, and thermalized chains.
+        Chains start at random Sz = 0 configurations; for `warm` (trained) parameters each
+        chain may start at an ordered pattern instead (`sampler.ordered_starts`)."""
         params = dist.bcast(system.init_params(system.cfg.run.seed) if params is None else params)
-        vs = cls(system, params, init_chains(_keys(system, INIT, 0), system.n_sites))
+        chains = init_chains(_keys(system, INIT, 0), system.n_sites)
+        if warm:
+            chains = ordered_starts(system.logpsi, params, chains,
+                                    jnp.asarray(ordered_patterns(system.lattice.coords)),
+                                    _keys(system, START, 0), system.chunk)
+        vs = cls(system, params, chains)
         return vs.thermalize(system.cfg.sampler.n_thermalize, THERMALIZE, 0)
 
     def replace(self, **changes: Any) -> "VariationalState":

@@ -12,7 +12,9 @@ from scipy import stats
 
 from pipeline import exact
 from pipeline.hamiltonian import local_energies
-from pipeline.sampler import INIT, STEP, THERMALIZE, chain_keys, init_chains
+from pipeline.lattice import Lattice
+from pipeline.sampler import (INIT, START, STEP, THERMALIZE, chain_keys, init_chains, ordered_patterns,
+                              ordered_starts)
 
 from conftest import randomized, system_for
 
@@ -113,3 +115,48 @@ def test_chain_groups_give_the_samples_of_all_chains_at_once() -> None:
         np.testing.assert_allclose(smp.logpsi, runs[0][1].logpsi, rtol=0, atol=1e-12)
         assert (int(smp.accepted), int(smp.proposed)) == (int(runs[0][1].accepted),
                                                           int(runs[0][1].proposed))
+
+
+def test_ordered_patterns_are_the_neel_and_stripe_states() -> None:
+    lat = Lattice(6, 2)
+    p = ordered_patterns(lat.coords)
+    assert p.shape == (6, 36) and not p.sum(axis=1).any()  # Sz = 0
+    np.testing.assert_array_equal(p[3:], -p[:3])
+    anti = lambda bonds: (p[:, bonds[:, 0]] != p[:, bonds[:, 1]]).mean(axis=1)  # noqa: E731
+    # Neel: every nearest-neighbour bond anti-aligned, every diagonal one aligned; a stripe: half
+    # of the nearest-neighbour bonds (one direction) and every diagonal one anti-aligned
+    np.testing.assert_array_equal(anti(lat.bonds1), [1, 0.5, 0.5] * 2)
+    np.testing.assert_array_equal(anti(lat.bonds2), [0, 1, 1] * 2)
+    x, y = lat.coords.T
+    np.testing.assert_array_equal(p[1], np.where(x % 2, -1, 1))
+    np.testing.assert_array_equal(p[2], np.where(y % 2, -1, 1))
+
+
+def test_ordered_starts_draw_each_candidate_with_its_psi_squared_weight() -> None:
+    """A warm start's chain starts at its random configuration or at one of the six patterns
+    with probability |psi|^2 / (sum over its 7 candidates): observed counts against those
+    probabilities summed over 4096 chains, for a log psi favouring the Neel state weakly and
+    strongly (then every chain starts there) and for a flat one; chunked evaluation alike."""
+    lat = Lattice(4, 2)
+    patterns = jnp.asarray(ordered_patterns(lat.coords))
+    neel = np.asarray(patterns[0], np.float64)
+    n = 4096
+    chains = init_chains(chain_keys(0, INIT, 0, jnp.arange(n)), 16)
+    keys = chain_keys(0, START, 0, jnp.arange(n))
+    own = np.asarray(chains)
+    fresh = ~(own[:, None, :] == np.asarray(patterns)[None]).all(axis=2).any(axis=1)
+    for a in (0.0, 0.3, 3.0):
+        def logpsi(params, s):
+            return (params * (s.astype(jnp.float64) @ neel) / 4).astype(jnp.complex128)
+        starts = np.asarray(ordered_starts(logpsi, a, chains, patterns, keys))
+        np.testing.assert_array_equal(starts, ordered_starts(logpsi, a, chains, patterns, keys, 64))
+        options = np.concatenate([own[:, None], np.broadcast_to(np.asarray(patterns), (n, 6, 16))], 1)
+        w = 2 * a * options.astype(np.float64) @ neel / 4
+        prob = np.exp(w - w.max(axis=1, keepdims=True))
+        prob = (prob / prob.sum(axis=1, keepdims=True))[fresh]
+        taken = (starts[:, None, :] == options).all(axis=2)[fresh]  # one candidate per chain
+        assert (taken.sum(axis=1) == 1).all()
+        expected, spread = prob.sum(axis=0), np.sqrt((prob * (1 - prob)).sum(axis=0))
+        assert (np.abs(taken.sum(axis=0) - expected) <= 5 * spread + 1).all(), (a, taken.sum(0), expected)
+        if a == 3.0:
+            assert taken[:, 1].all()  # the Neel state outweighs everything else by e^12 or more
