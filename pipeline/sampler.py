@@ -79,8 +79,8 @@ def ordered_starts(logpsi: Callable, params, chains: jax.Array, patterns: jax.Ar
     """Each chain's first configuration for trained parameters: its own (random) one or one of
     `patterns`, drawn with probability proportional to |psi|^2 among these 1 + K candidates
     (Gumbel-max with the chain's key). From random configurations an ordered state's chains
-    coarsen their domains slowly under local exchanges (a trained 6x6 state: E/N 4.7e-3 too
-    high after 20 sweeps, 4e-4 after 80, `scripts/bench_burnin`); from the pattern of its order
+    coarsen their domains slowly under local exchanges (a trained 6x6 state: E/N about 5e-3
+    too high after 20 sweeps, 2e-3 after 40, `scripts/bench_burnin`); from the pattern of its order
     they are at equilibrium within 5 sweeps. A nearly uniform |psi|^2 (a fresh network) mixes
     fast from any start."""
     n_chains, n_patterns = chains.shape[0], patterns.shape[0]

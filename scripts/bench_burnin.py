@@ -24,17 +24,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench_accuracy import configure
-from pipeline.sampler import STEP
+from pipeline.observables import energy_of, fresh_samples
 from pipeline.state import VariationalState
 from pipeline.system import System
 
 
-def energy(vs: VariationalState, sweeps: int, block: int) -> tuple[VariationalState, float, float]:
-    """E/N and its error from the chains' last `sweeps` sweeps (one sample per chain each)."""
-    vs, smp = vs.sample(sweeps, STEP, 0, block)
-    st = vs.statistics(vs.local_energies(smp), sweeps)
-    n = vs.system.n_sites
-    return vs, float(st.mean.real) / n, float(st.error) / n
+def energy(vs: VariationalState, burn_in: int, sweeps: int, step: int) -> tuple[VariationalState, float, float]:
+    """E/N and its error over `sweeps` sweeps (one sample per chain each) after `burn_in`
+    discarded ones; `step` numbers the random streams of each call."""
+    vs, smp, n_per_chain = fresh_samples(vs, sweeps * vs.system.cfg.sampler.n_chains, step, burn_in)
+    e = energy_of(vs, smp, n_per_chain)
+    return vs, e["energy_per_site"], e["energy_error"]
 
 
 def main() -> None:
@@ -45,24 +45,24 @@ def main() -> None:
     ap.add_argument("--last", type=int, default=4, help="sweeps measured at each point (then discarded)")
     args, overrides = ap.parse_known_args()
     kind, seed = os.path.basename(args.saved).split("_")[:2]
+    seed = int(seed.removeprefix("seed"))
     with open(args.saved, "rb") as f:
         saved = pickle.load(f)
-    cfg = configure(args.size, kind, int(seed.removeprefix("seed")),
+    cfg = configure(args.size, kind, seed,
                     [*saved["overrides"], *overrides, "sampler.n_thermalize=0"])
     system = System.build(cfg)
     params = jax.tree_util.tree_map(jnp.asarray, saved["params"])
     points = [int(x) for x in args.sweeps.split(",")]
-    print(f"{args.size}x{args.size} {kind} seed {seed[4:]}: {cfg.sampler.n_chains} chains, E/N (S.S units) "
+    print(f"{args.size}x{args.size} {kind} seed {seed}: {cfg.sampler.n_chains} chains, E/N (S.S units) "
           f"over {args.last} sweeps after each burn-in")
     ref = VariationalState(system, params, jnp.asarray(saved["chains"]))
-    _, e, err = energy(ref, 5 * args.last, 0)
+    _, e, err = energy(ref, 0, 5 * args.last, 0)
     print(f"  saved chains (equilibrium): E/N = {e:.6f} ± {err:.6f}", flush=True)
     for warm, label in ((False, "random"), (True, "ordered")):
         t0 = time.perf_counter()
         vs, done = VariationalState.fresh(system, params, warm=warm), 0
         for k, n in enumerate(points, 1):
-            vs = vs.thermalize(n - done, STEP, k)  # blocks numbered apart from the measurements'
-            vs, e, err = energy(vs, args.last, 100 + k)
+            vs, e, err = energy(vs, n - done, args.last, k)
             done = n + args.last
             print(f"  {label:>7} starts, {n:4d} sweeps: E/N = {e:.6f} ± {err:.6f}", flush=True)
         print(f"  ({label} starts: {time.perf_counter() - t0:.0f} s)")

@@ -145,9 +145,11 @@ def test_ordered_starts_draw_each_candidate_with_its_psi_squared_weight() -> Non
     keys = chain_keys(0, START, 0, jnp.arange(n))
     own = np.asarray(chains)
     fresh = ~(own[:, None, :] == np.asarray(patterns)[None]).all(axis=2).any(axis=1)
+
+    def logpsi(a, s):
+        return (a * (s.astype(jnp.float64) @ neel) / 4).astype(jnp.complex128)
+
     for a in (0.0, 0.3, 3.0):
-        def logpsi(params, s):
-            return (params * (s.astype(jnp.float64) @ neel) / 4).astype(jnp.complex128)
         starts = np.asarray(ordered_starts(logpsi, a, chains, patterns, keys))
         np.testing.assert_array_equal(starts, ordered_starts(logpsi, a, chains, patterns, keys, 64))
         options = np.concatenate([own[:, None], np.broadcast_to(np.asarray(patterns), (n, 6, 16))], 1)
