@@ -134,6 +134,7 @@ class Driver:
         eloc = vs.local_energies(smp)
         st = vs.statistics(eloc, self.n_per_chain)
         acc = vs.acceptance(smp)
+        coherence, minority = vs.sign_structure(smp)
         t2 = time.perf_counter()
         params, sr_state, info = self.preconditioner.update(
             vs.system.logpsi, vs.params, smp.s, eloc, state.sr_state, state.step, state.lr_scale)
@@ -143,8 +144,8 @@ class Driver:
         record = StepRecord(
             step=state.step, energy=float(st.mean.real) / N, energy_error=float(st.error) / N,
             energy_imag=float(st.mean.imag) / N, variance=float(st.variance) / N, acceptance=acc,
-            r_hat=float(st.r_hat), seconds=t3 - t0, t_sample=t1 - t0, t_energy=t2 - t1,
-            t_sr=t3 - t2, **info)
+            r_hat=float(st.r_hat), phase_coherence=coherence, minority_sign=minority,
+            seconds=t3 - t0, t_sample=t1 - t0, t_energy=t2 - t1, t_sr=t3 - t2, **info)
         return replace(state, step=state.step + 1, vstate=vs.replace(params=params),
                        sr_state=sr_state), record
 

@@ -54,7 +54,7 @@ class ProgressHook(BaseHook):
 
     def on_step_end(self, state: RunState, r: StepRecord) -> None:
         msg = (f"E/N={r.energy:+.6f}±{r.energy_error:.6f} var/N={r.variance:.4g} "
-               f"acc={r.acceptance:.3f} {r.seconds:.2f}s/step")
+               f"acc={r.acceptance:.3f} minority={r.minority_sign:.4f} {r.seconds:.2f}s/step")
         log.info("step %d %s (sample %.3fs, energy %.3fs, sr %.3fs, cg %d, comm %d B)",
                  r.step, msg, r.t_sample, r.t_energy, r.t_sr, r.cg_iterations, r.bytes_comm)
         if self.bar is not None:

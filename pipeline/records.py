@@ -19,6 +19,8 @@ class StepRecord:
     variance: float  # Var(E_loc) / N
     acceptance: float  # accepted / proposed exchanges whose spins differed
     r_hat: float  # split-chain R-hat of E_loc (NaN with fewer than 4 samples per chain)
+    phase_coherence: float  # |<exp(i Im log psi)>| over the samples: 1 when all share one phase
+    minority_sign: float  # fraction of samples whose phase is over pi/2 from the mean phase
     seconds: float  # wall time of the whole step
     t_sample: float  # of which sampling
     t_energy: float  # local energies and their statistics

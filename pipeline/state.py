@@ -41,6 +41,16 @@ def _acceptance(accepted, proposed):
     return dist.allreduce_sum(accepted) / jnp.maximum(dist.allreduce_sum(proposed), 1)
 
 
+@jax.jit
+def _sign_structure(logpsi):
+    z = jnp.exp(1j * logpsi.imag)
+    n = dist.allreduce_sum(jnp.asarray(z.size, jnp.float64))
+    mean = dist.allreduce_sum(jnp.sum(z)) / n
+    unit = mean / jnp.maximum(jnp.abs(mean), jnp.finfo(jnp.float64).tiny)
+    minority = dist.allreduce_sum(jnp.sum((z * jnp.conj(unit)).real < 0).astype(jnp.float64))
+    return jnp.abs(mean), minority / n
+
+
 @dataclass(frozen=True, eq=False)
 class VariationalState:
     """Parameters and this rank's Markov chains for one `System` (the rest is fixed)."""
@@ -109,6 +119,17 @@ class VariationalState:
     def acceptance(samples: Samples) -> float:
         """Accepted / proposed exchanges (whose spins differed), over all ranks."""
         return float(_acceptance(samples.accepted, samples.proposed))
+
+    @staticmethod
+    def sign_structure(samples: Samples) -> tuple[float, float]:
+        """(phase coherence, minority sign) over all ranks' samples: |<exp(i phi)>| with phi =
+        Im log psi, and the fraction of samples whose phase is more than pi/2 from the mean
+        phase. A state with one sign everywhere (under `hamiltonian.marshall_sign`: exactly the
+        Marshall signs) gives (1, 0); a state that has learned signs of its own has a minority
+        of the weight with the other sign. Sampled from |psi|^2, both estimate the |psi|^2
+        weighted quantities, so they show the sign plateau on lattices beyond exact sums."""
+        coherence, minority = _sign_structure(samples.logpsi)
+        return float(coherence), float(minority)
 
 
 def _keys(system: System, purpose: int, step: int, block: int = 0) -> jax.Array:

@@ -61,6 +61,7 @@ FINAL_SHARE = 0.25  # of the time left after training, at most, for the unprojec
 SPLIT = ("t_sample", "t_energy", "t_sr")  # per-step phases the driver times
 BUDGET_MINUTES = {4: 15.0, 6: 60.0}
 WARM_L = 4
+LAST = 20  # training steps whose mean minority sign the row reports
 
 
 def configure(size: int, kind: str, seed: int, overrides: list[str]):
@@ -199,14 +200,14 @@ def bench(size: int, kind: str, seed: int, warm: float, minutes: float, exact_su
         kept = reserve(cfg, images, minutes * 60)
         lanczos_s = lanczos_share * minutes * 60
         deadline = Deadline(end, lambda *phases: kept(*phases) + lanczos_s, tail_factor=images)
-    split: dict[str, list[float]] = {k: [] for k in SPLIT}
+    split: dict[str, list[float]] = {k: [] for k in (*SPLIT, "minority_sign")}
 
     def log(state, rec, horizon: int) -> None:
-        for k in SPLIT:
+        for k in split:
             split[k].append(getattr(rec, k))
         if state.step % 100 == 0:
             print(f"  [{kind} seed {seed}] step {state.step}/{horizon}: E/N = {rec.energy:.6f} "
-                  f"± {rec.energy_error:.6f}", flush=True)
+                  f"± {rec.energy_error:.6f}, minority sign {rec.minority_sign:.4f}", flush=True)
 
     t_train = time.perf_counter()
     state, n_iter = train(driver, state, deadline, cfg.run.n_iter, log)
@@ -232,7 +233,8 @@ def bench(size: int, kind: str, seed: int, warm: float, minutes: float, exact_su
             "seconds_per_step": train_s / max(n_iter, 1),
             "finetune_steps": len(deadline.tail_steps),
             "seconds_per_finetune_step": statistics.fmean(deadline.tail_steps or [np.nan]),
-            **{f"median_{k}": statistics.median(v) for k, v in split.items()},
+            **{f"median_{k}": statistics.median(split[k]) for k in SPLIT},
+            "minority_sign": statistics.fmean(split["minority_sign"][-LAST:]),
             "energy_per_site": final["energy_per_site"], "energy_error": final["energy_error"],
             "reference": ref, "relative_error": final["relative_error"], "v_score": final["v_score"],
             "projected_energy": projected["energy_per_site"],
@@ -282,7 +284,8 @@ def report(rows: list[dict], minutes: float) -> None:
               f"steps {r['warm_steps']}; rollbacks {r['rollbacks']}; final measurements "
               f"{r['measure_seconds']:.0f} s ({how}); median "
               f"step: sampling {r['median_t_sample']:.3f} s, local energies "
-              f"{r['median_t_energy']:.3f} s, SR {r['median_t_sr']:.3f} s")
+              f"{r['median_t_energy']:.3f} s, SR {r['median_t_sr']:.3f} s; minority sign "
+              f"{r['minority_sign']:.4f} (mean of the last {LAST} steps)")
     for key in sorted({(r["attention"], r["warm"]) for r in rows}):
         group_rows = [r for r in rows if (r["attention"], r["warm"]) == key]
         print(f"{key[0]} warm {key[1]:g} over {len(group_rows)} seed(s): relative error "

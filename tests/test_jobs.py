@@ -215,15 +215,22 @@ def test_default_trust_region_holds_a_huge_learning_rate(tmp_path) -> None:
     assert np.all(h["lr"] < 1.0) and np.all(np.isfinite(h["energy"]))
 
 
-def test_results_file_without_a_newer_history_field_resumes(reference_run, tmp_path) -> None:
-    """A results.h5 of an earlier version (no history/step_length) resumes: its earlier rows get
-    NaN there, the later ones the measured lengths, and the run is the uninterrupted one."""
+def test_results_file_without_newer_history_fields_resumes(reference_run, tmp_path) -> None:
+    """A results.h5 of an earlier version (without the history fields added since: step_length,
+    phase_coherence, minority_sign) resumes: its earlier rows get NaN there, the later ones the
+    measured values, and the run is the uninterrupted one."""
+    from pipeline.results import ADDED
+
     job(tmp_path, "run.steps_per_job=4")
     with h5py.File(os.path.join(tmp_path, "results.h5"), "a") as f:
-        del f["history/step_length"]
+        for name in ADDED:
+            del f[f"history/{name}"]
     assert "resumed from step 4" in job(tmp_path).stdout
-    length = history(tmp_path)["step_length"]
-    assert np.all(np.isnan(length[:4])) and np.all(np.isfinite(length[4:]) & (length[4:] > 0))
+    h = history(tmp_path)
+    assert set(ADDED) == {"step_length", "phase_coherence", "minority_sign"}
+    for name in ADDED:
+        assert np.all(np.isnan(h[name][:4])) and np.all(np.isfinite(h[name][4:])), name
+    assert np.all(h["step_length"][4:] > 0) and np.all(h["phase_coherence"][4:] > 0)
     assert_same_run(reference_run[0], tmp_path)
 
 

@@ -64,12 +64,13 @@ def agreement_runs(tmp_path_factory) -> dict[int, tuple]:
 @pytest.mark.parametrize("case,ranks", CASES, ids=["-".join(c) for c, _ in CASES])
 def test_one_rank_and_k_ranks_agree(agreement_runs, case: tuple[str, ...],
                                     ranks: tuple[int, ...]) -> None:
-    """Same samples, and energies and parameters after 5 SR steps (momentum and phase scale on)
-    equal to round-off (float64: 1e-8; a float32 Gram: to its round-off, FLOAT32_TOLERANCE);
-    `kernel` on K ranks is the form distributed by parameter blocks (3 ranks: uneven column
-    blocks); the kernel X X^T built by host BLAS or inside jit (optimizer.gram_build); the
-    exchange sampler and the exact one (sampler.kind); the network's passes in float32
-    (model.dtype: every configuration's log psi rounds the same on any rank count, so 1e-8)."""
+    """Same samples, and energies, sign records (phase coherence, minority sign) and parameters
+    after 5 SR steps (momentum and phase scale on) equal to round-off (float64: 1e-8; a float32
+    Gram: to its round-off, FLOAT32_TOLERANCE); `kernel` on K ranks is the form distributed by
+    parameter blocks (3 ranks: uneven column blocks); the kernel X X^T built by host BLAS or
+    inside jit (optimizer.gram_build); the exchange sampler and the exact one (sampler.kind); the
+    network's passes in float32 (model.dtype: every configuration's log psi rounds the same on
+    any rank count, so 1e-8)."""
     tol = FLOAT32_TOLERANCE if case[1] == "float32" else dict.fromkeys(FLOAT32_TOLERANCE, 1e-8)
     loaded = {}
     for n in (1, *ranks):
@@ -86,6 +87,7 @@ def test_one_rank_and_k_ranks_agree(agreement_runs, case: tuple[str, ...],
         np.testing.assert_array_equal(a["chains"], b["chains"])
         np.testing.assert_allclose(b["energies"], a["energies"], rtol=tol["energies"], atol=0)
         np.testing.assert_allclose(b["lengths"], a["lengths"], rtol=tol["lengths"], atol=0)
+        np.testing.assert_allclose(b["signs"], a["signs"], rtol=tol["energies"], atol=1e-12)
         np.testing.assert_allclose(b["params"], a["params"], rtol=tol["params"],
                                    atol=tol["params"])
 

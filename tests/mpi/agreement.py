@@ -46,17 +46,19 @@ def config(solver: str, n_steps: int, gram_dtype: str, gram_build: str, sampler:
 def run_case(path: str, c: Config) -> None:
     driver = Driver(System.build(c))
     state = driver.fresh_state()
-    energies, lengths = [], []
+    energies, lengths, signs = [], [], []
     for _ in range(c.run.n_iter):
         state, record = driver.step(state)
         energies.append(record.energy)
         lengths.append(record.step_length)
+        signs.append((record.phase_coherence, record.minority_sign))
     flat = np.asarray(ravel_pytree(state.vstate.params)[0])
     dist.assert_same("parameters", flat)
     chains = dist.gather_rows(np.asarray(state.vstate.chains))
     if dist.is_root():
         np.savez(path, energies=np.array(energies), lengths=np.array(lengths),
-                 max_step=MAX_STEP, params=flat, chains=chains, n_ranks=dist.size())
+                 signs=np.array(signs), max_step=MAX_STEP, params=flat, chains=chains,
+                 n_ranks=dist.size())
 
 
 def main(out_dir: str, n_steps: str, *cases: str) -> None:
