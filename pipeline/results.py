@@ -47,8 +47,8 @@ GROWING = ("history", "attention")  # groups whose datasets grow by rows while t
 Tables = Mapping[str, tuple[type, tuple[int, ...]]]
 HISTORY_TABLES: dict[str, tuple[type, tuple[int, ...]]] = {
     f"history/{name}": (DTYPES[name], ()) for name in HISTORY}
-ADDED = ("step_length", "phase_coherence", "minority_sign")  # history fields newer than some files: resuming such a file gives its
-# earlier rows NaN there
+# history fields newer than some files: resuming such a file gives its earlier rows NaN there
+ADDED = ("step_length", "phase_coherence", "minority_sign")
 log = logging.getLogger("vitnqs")
 
 
