@@ -44,7 +44,7 @@ def _acceptance(accepted, proposed):
 @jax.jit
 def _sign_structure(logpsi):
     z = jnp.exp(1j * logpsi.imag)
-    n = dist.allreduce_sum(jnp.asarray(z.size, jnp.float64))
+    n = z.size * dist.size()  # every rank holds as many samples (validated chain split)
     mean = dist.allreduce_sum(jnp.sum(z)) / n
     unit = mean / jnp.maximum(jnp.abs(mean), jnp.finfo(jnp.float64).tiny)
     minority = dist.allreduce_sum(jnp.sum((z * jnp.conj(unit)).real < 0).astype(jnp.float64))
