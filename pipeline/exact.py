@@ -140,3 +140,25 @@ def expectation(h: sp.csr_matrix, psi: np.ndarray, n_sites: int) -> dict[str, fl
     var = max(float(np.real(np.vdot(h_psi, h_psi))) - e * e, 0.0)
     return {"energy_per_site": e / n_sites, "energy_error": 0.0, "variance_per_site": var / n_sites,
             "v_score": n_sites * var / e ** 2, "n_samples": len(psi)}
+
+
+def sign_rule_bound(ham: Hamiltonian) -> tuple[float, np.ndarray]:
+    """(energy per site, normalized state) of the best state whose amplitudes all carry the
+    Hamiltonian's sign rule (with `marshall_sign`: psi >= 0 in the rotated basis): the lowest
+    energy any wave function with exactly the Marshall signs can reach, e.g. a network whose
+    phases stay at zero. Minimizes the Rayleigh quotient over psi >= 0 (L-BFGS-B, bounds), from
+    |ground state|. Where the ground state's sign differs from the rule the minimum mostly sets the
+    amplitude to zero."""
+    from scipy.optimize import minimize
+
+    h, _ = sparse_hamiltonian(ham)
+    _, v, _ = ground_state(ham)
+
+    def quotient(x: np.ndarray) -> tuple[float, np.ndarray]:
+        hx, n = h @ x, x @ x
+        e = x @ hx / n
+        return e, 2.0 * (hx - e * x) / n
+
+    res = minimize(quotient, np.abs(v), jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * len(v),
+                   options={"maxiter": 5000, "gtol": 1e-10, "ftol": 1e-15})
+    return float(res.fun) / ham.n_sites, res.x / np.linalg.norm(res.x)

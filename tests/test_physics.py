@@ -76,3 +76,20 @@ def test_local_energy_is_exact_for_the_ground_state() -> None:
     ratio = np.exp(logpsi(None, flipped) - logpsi(None, s)[sample])
     eloc = np.asarray(ham.diagonal(s)) + np.bincount(sample, ham.off[bond] * ratio.real, len(s))
     np.testing.assert_allclose(eloc / 16, e0, atol=1e-9)
+
+
+def test_sign_rule_bound_is_exact_without_frustration_and_a_gap_with_it() -> None:
+    """`exact.sign_rule_bound`: at J2 = 0 the Marshall signs are the ground state's, so the bound
+    is E0; at J2 = 0.5 it lies above E0 and below |ground state| with the Marshall signs (its
+    start), with non-negative amplitudes whose exact energy is the reported one."""
+    lat = Lattice(4, 2)
+    free = Hamiltonian.build(lat, 1.0, 0.0, True)
+    assert abs(exact.sign_rule_bound(free)[0] - exact.ground_state(free)[0]) < 1e-9
+    ham = Hamiltonian.build(lat, 1.0, 0.5, True)
+    e0, v, _ = exact.ground_state(ham)
+    bound, x = exact.sign_rule_bound(ham)
+    h, _ = exact.sparse_hamiltonian(ham)
+    start = exact.expectation(h, np.abs(v), 16)["energy_per_site"]
+    assert np.all(x >= 0)
+    assert abs(exact.expectation(h, x, 16)["energy_per_site"] - bound) < 1e-12
+    assert e0 + 1e-3 < bound < start - 1e-4, (e0, bound, start)
