@@ -142,23 +142,27 @@ def expectation(h: sp.csr_matrix, psi: np.ndarray, n_sites: int) -> dict[str, fl
             "v_score": n_sites * var / e ** 2, "n_samples": len(psi)}
 
 
-def sign_rule_bound(ham: Hamiltonian) -> tuple[float, np.ndarray]:
-    """(energy per site, normalized state) of the best state whose amplitudes all carry the
-    Hamiltonian's sign rule (with `marshall_sign`: psi >= 0 in the rotated basis): the lowest
-    energy any wave function with exactly the Marshall signs can reach, e.g. a network whose
-    phases stay at zero. Minimizes the Rayleigh quotient over psi >= 0 (L-BFGS-B, bounds), from
-    |ground state|. Where the ground state's sign differs from the rule the minimum mostly sets the
-    amplitude to zero."""
-    from scipy.optimize import minimize
+def off_sign_rule_weight(vec: np.ndarray) -> float:
+    """Weight of a real normalized state on the sign its smaller part carries: with the Marshall
+    rotation, how much of it lies off the Marshall sign (global sign aside)."""
+    return float(min(np.sum(vec[vec < 0] ** 2), np.sum(vec[vec > 0] ** 2)))
 
-    h, _ = sparse_hamiltonian(ham)
-    _, v, _ = ground_state(ham)
+
+def sign_rule_bound(h: sp.csr_matrix, ground: np.ndarray, n_sites: int) -> tuple[float, np.ndarray]:
+    """(energy per site, normalized state) of the best state whose amplitudes all carry the sign
+    rule of `h` (`sparse_hamiltonian` with `marshall_sign`: psi >= 0 in the rotated basis): the
+    lowest energy any wave function with exactly the Marshall signs can reach, e.g. a network
+    whose phases stay at zero. Minimizes the Rayleigh quotient over psi >= 0 (L-BFGS-B, bounds),
+    from |ground| (the ground-state vector). Where the ground state's sign differs from the rule
+    the minimum mostly sets the amplitude to zero."""
+    from scipy.optimize import minimize
 
     def quotient(x: np.ndarray) -> tuple[float, np.ndarray]:
         hx, n = h @ x, x @ x
         e = x @ hx / n
         return e, 2.0 * (hx - e * x) / n
 
-    res = minimize(quotient, np.abs(v), jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * len(v),
+    res = minimize(quotient, np.abs(ground), jac=True, method="L-BFGS-B",
+                   bounds=[(0.0, None)] * len(ground),
                    options={"maxiter": 5000, "gtol": 1e-10, "ftol": 1e-15})
-    return float(res.fun) / ham.n_sites, res.x / np.linalg.norm(res.x)
+    return float(res.fun) / n_sites, res.x / np.linalg.norm(res.x)

@@ -26,10 +26,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for j2 in (float(x) for x in args.j2.split(",")):
         ham = Hamiltonian.build(Lattice(args.size, 2), 1.0, j2, True)
+        h, _ = exact.sparse_hamiltonian(ham)
         e0, v, _ = exact.ground_state(ham)
-        bound, x = exact.sign_rule_bound(ham)
-        major = np.sign(v[np.argmax(np.abs(v))])
-        off = float(np.sum(v[np.sign(v) == -major] ** 2))
+        bound, x = exact.sign_rule_bound(h, v, ham.n_sites)
+        off = exact.off_sign_rule_weight(v)
         zeros = float(np.mean(x < 1e-12))
         print(f"| {j2:g} | {e0:.8f} | {bound:.8f} | {abs((bound - e0) / e0):.2e} | {off:.2e} "
               f"| {zeros:.3f} |", flush=True)

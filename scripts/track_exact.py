@@ -65,7 +65,7 @@ def main() -> None:
     print(f"fidelity |<psi0|psi>|^2 = {abs(overlap) ** 2:.5f}; ground-state weight on "
           f"configurations with the wrong sign {np.sum(gs[wrong] ** 2):.2e} "
           f"({wrong.sum()} of {len(gs)}); ground-state weight off the Marshall sign "
-          f"{min(np.sum(gs[gs < 0] ** 2), np.sum(gs[gs > 0] ** 2)):.2e}")
+          f"{exact.off_sign_rule_weight(gs):.2e}")
     print(f"rel. error of |psi| with the exact signs {rel(energy(h, np.abs(psi) * np.sign(gs), N)):.2e}; "
           f"of the exact |psi0| with this state's signs "
           f"{rel(energy(h, np.abs(gs) * np.sign(psi.real), N)):.2e}")

@@ -84,11 +84,13 @@ def test_sign_rule_bound_is_exact_without_frustration_and_a_gap_with_it() -> Non
     start), with non-negative amplitudes whose exact energy is the reported one."""
     lat = Lattice(4, 2)
     free = Hamiltonian.build(lat, 1.0, 0.0, True)
-    assert abs(exact.sign_rule_bound(free)[0] - exact.ground_state(free)[0]) < 1e-9
+    e_free, v_free, _ = exact.ground_state(free)
+    h_free, _ = exact.sparse_hamiltonian(free)
+    assert abs(exact.sign_rule_bound(h_free, v_free, 16)[0] - e_free) < 1e-9
     ham = Hamiltonian.build(lat, 1.0, 0.5, True)
     e0, v, _ = exact.ground_state(ham)
-    bound, x = exact.sign_rule_bound(ham)
     h, _ = exact.sparse_hamiltonian(ham)
+    bound, x = exact.sign_rule_bound(h, v, 16)
     start = exact.expectation(h, np.abs(v), 16)["energy_per_site"]
     assert np.all(x >= 0)
     assert abs(exact.expectation(h, x, 16)["energy_per_site"] - bound) < 1e-12
