@@ -109,8 +109,8 @@ def _local(logpsi: LogPsi, params, s: jax.Array, logpsi_s: jax.Array, bonds: jax
            J: jax.Array, off: jax.Array, size: int, chunk: int) -> jax.Array:
     """Diagonal part plus sum over connected (sample, bond) pairs of off * psi(s^b)/psi(s)."""
     sp, sample, bond, valid = connected_configs(s, bonds, size)
-    lp = apply_chunked(logpsi, params, sp, chunk)
-    ratio = jnp.exp(lp - logpsi_s[sample])
+    lp = apply_chunked(logpsi, params, sp, chunk, jnp.sum(valid))
+    ratio = jnp.exp(jnp.where(valid, lp - logpsi_s[sample], 0.0))
     contrib = jnp.where(valid, off[bond] * ratio, 0.0)
     si, sj = s[:, bonds[:, 0]], s[:, bonds[:, 1]]
     diag = (si.astype(jnp.float64) * sj.astype(jnp.float64)) @ J / 4
@@ -125,11 +125,30 @@ def local_energies_traced(ham: Hamiltonian, logpsi: LogPsi, params, s: jax.Array
                   jnp.asarray(ham.off), s.shape[0] * len(ham.J), chunk)
 
 
-def apply_chunked(logpsi: LogPsi, params, s: jax.Array, chunk: int) -> jax.Array:
-    """log psi of a batch, evaluated `chunk` configurations at a time (0: all at once)."""
-    if chunk <= 0 or s.shape[0] < chunk:
+def apply_chunked(logpsi: LogPsi, params, s: jax.Array, chunk: int,
+                  used: jax.Array | None = None) -> jax.Array:
+    """log psi of a batch, evaluated `chunk` configurations at a time (0: all at once).
+
+    used (traced, optional): only the first `used` rows matter (the rest is padding), so only
+    the chunks that hold them are evaluated and the padding rows come back as 0. A padded batch
+    (the connected configurations in their sticky bucket, some 10% larger than needed) then
+    costs what its rows cost. Each chunk is computed as the same vmapped program at the same
+    offset either way, so the rows that are evaluated come out bit for bit the same.
+    """
+    n = s.shape[0]
+    if chunk <= 0 or n < chunk:
         return logpsi(params, s)
-    return jax.lax.map(lambda x: logpsi(params, x[None])[0], s, batch_size=chunk)
+    row = lambda x: logpsi(params, x[None])[0]  # noqa: E731
+    if used is None or n % chunk:
+        return jax.lax.map(row, s, batch_size=chunk)
+    one = jax.vmap(row)
+
+    def body(k: jax.Array, out: jax.Array) -> jax.Array:
+        rows = jax.lax.dynamic_slice_in_dim(s, k * chunk, chunk)
+        return jax.lax.dynamic_update_slice_in_dim(out, one(rows), k * chunk, 0)
+
+    out = jnp.zeros(n, jax.eval_shape(one, s[:chunk]).dtype)
+    return jax.lax.fori_loop(0, (used + chunk - 1) // chunk, body, out)
 
 
 def local_energies(ham: Hamiltonian, logpsi: LogPsi, params, s: jax.Array,

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipeline.models.vit import log_cosh
+from pipeline.models.vit import log_cosh_sum
 
 from conftest import randomized, system_for
 
@@ -17,13 +17,19 @@ def _random_configs(n: int, N: int = 16, seed: int = 0) -> np.ndarray:
     return np.stack([rng.permutation(base) for _ in range(n)])
 
 
-def test_log_cosh_is_stable_and_correct() -> None:
-    z = jnp.array([0.3 + 0.2j, -1.5 + 2.0j, 4.0 - 1.0j, -700.0 + 0.5j, 800.0 + 3.0j])
-    small = jnp.log(jnp.cosh(z[:3]))
-    np.testing.assert_allclose(log_cosh(z[:3]), small, atol=1e-13)
-    big = log_cosh(z[3:])
-    assert jnp.all(jnp.isfinite(big))
-    np.testing.assert_allclose(big.real, jnp.abs(z[3:].real) - np.log(2), rtol=1e-12)
+def test_log_cosh_sum_is_stable_and_correct() -> None:
+    z = jnp.array([[0.3 + 0.2j, -1.5 + 2.0j, 4.0 - 1.0j, 0.2 + 1.4j, -0.1 - 1.5j],
+                   [-700.0 + 0.5j, 800.0 + 3.0j, 0.1 - 0.2j, 2.0 + 0.0j, -3.0 + 1.0j]])
+    small = jnp.sum(jnp.log(jnp.cosh(z[0])))
+    got = log_cosh_sum(z)
+    assert got.dtype == jnp.complex128 and got.shape == (2,)
+    np.testing.assert_allclose(got[0].real, small.real, atol=1e-13)
+    # the phase is returned modulo 2 pi
+    np.testing.assert_allclose(np.exp(1j * (got[0].imag - small.imag)), 1.0, atol=1e-13)
+    assert jnp.all(jnp.isfinite(got[1]))
+    tail = jnp.sum(jnp.log(jnp.cosh(z[1, 2:])))  # the large ones: log cosh z -> sign(Re z) z - log 2
+    np.testing.assert_allclose(got[1].real, 1500.0 - 2 * np.log(2) + tail.real, rtol=1e-14)
+    np.testing.assert_allclose(np.exp(1j * (got[1].imag - tail.imag - (-0.5 + 3.0))), 1.0, atol=1e-12)
 
 
 @pytest.mark.parametrize("dx,dy", [(2, 0), (0, 2), (2, 2)])

@@ -15,7 +15,7 @@ from jax.flatten_util import ravel_pytree
 
 from pipeline import checkpoint, exact, sr, stats
 from pipeline.driver import Driver, RunState
-from pipeline.hamiltonian import Hamiltonian, local_energies
+from pipeline.hamiltonian import Hamiltonian, apply_chunked, local_energies
 from pipeline.hooks import BaseHook, CheckpointHook
 from pipeline.lattice import Lattice
 from pipeline.models import group
@@ -123,6 +123,19 @@ def test_local_energies_do_not_depend_on_the_padding_a_process_has_seen(chunk: i
     grown.bucket(len(s), len(s) * len(grown.J), chunk)  # as after a batch with every bond connected
     got = [np.asarray(local_energies(h, system.logpsi, params, s, lp, chunk)) for h in (fresh, grown)]
     np.testing.assert_array_equal(got[0], got[1])
+
+
+def test_padding_rows_are_skipped_and_the_used_rows_unchanged() -> None:
+    """`apply_chunked(..., used)` evaluates only the chunks holding the first `used` rows: those
+    chunks bit for bit as in the full pass, the chunks after them not at all (zeros)."""
+    system = system_for(**{"model.d": 8})
+    params = randomized(system.init_params(0), jax.random.PRNGKey(3), 0.1)
+    s = exact.configs(exact.sz0_basis(16)[:256], 16)
+    full = np.asarray(apply_chunked(system.logpsi, params, s, 32))
+    part = np.asarray(jax.jit(lambda p, x, u: apply_chunked(system.logpsi, p, x, 32, u))(
+        params, s, jnp.asarray(70)))
+    np.testing.assert_array_equal(part[:96], full[:96])  # rows 70-95 share the third chunk
+    assert np.all(part[96:] == 0) and np.all(full[96:] != 0)
 
 
 @pytest.mark.parametrize("mode,chunk", [("translations", 0), ("full", 0), ("full", 16)])

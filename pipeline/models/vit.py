@@ -11,11 +11,20 @@ from ..lattice import Lattice
 from .attention import DT, FactoredAttention, StandardAttention
 
 
-def log_cosh(z: jnp.ndarray) -> jnp.ndarray:
-    """log cosh(z) for complex z, stable for large |Re z|: uses cosh(z) = cosh(-z)."""
-    sgn = jnp.where(z.real >= 0, 1.0, -1.0)
-    z = sgn * z
-    return z + jnp.log1p(jnp.exp(-2.0 * z)) - np.log(2.0)
+def log_cosh_sum(z: jnp.ndarray) -> jnp.ndarray:
+    """sum_k log cosh(z_k) over the last axis of complex z, in complex128.
+
+    Written as sum_k z_k - K log 2 + log prod_k (1 + exp(-2 z_k)) after z_k -> -z_k where
+    Re z_k < 0 (cosh is even), so no exponential grows and each factor lies in the disc |w - 1|
+    <= 1: one complex logarithm per configuration instead of one per feature (the per-feature
+    logarithms were a fifth of a 6x6 forward pass on CPU). The sum of the z_k, the large part,
+    is taken in float64 whatever the pass's dtype. The imaginary part, the phase of psi, comes
+    back modulo 2 pi (the principal value of the product's logarithm).
+    """
+    z = jnp.where(z.real >= 0, z, -z)
+    tail = jnp.log(jnp.prod(1.0 + jnp.exp(-2.0 * z), axis=-1))
+    return (jnp.sum(z.astype(jnp.complex128), axis=-1) - z.shape[-1] * np.log(2.0)
+            + tail.astype(jnp.complex128))
 
 
 class EncoderBlock(nn.Module):
@@ -70,8 +79,7 @@ class ViT(nn.Module):
         head_init = nn.initializers.normal(stddev=1.0 / self.d)
         head = lambda name: nn.Dense(self.d, dtype=dt, param_dtype=DT, kernel_init=head_init,  # noqa: E731
                                      name=name)
-        lc = log_cosh(head("head_re")(z) + 1j * head("head_im")(z))
-        return jnp.sum(lc.astype(jnp.complex128), axis=-1)
+        return log_cosh_sum(head("head_re")(z) + 1j * head("head_im")(z))
 
 
 def n_params(params) -> int:
