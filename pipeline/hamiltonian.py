@@ -92,7 +92,9 @@ def _count(s: jax.Array, bonds: jax.Array) -> jax.Array:
 def connected_configs(s: jax.Array, bonds: jax.Array, size: int
                       ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """(configurations s^b (size, N), sample index, bond index, valid) of the connected (sample,
-    bond) pairs of s (C, N), padded to `size` (padding rows are not valid); call inside jit."""
+    bond) pairs of s (C, N), padded to `size`; call inside jit. Padding rows are not valid and
+    hold all spins up, a configuration with no connected pair of its own: the local energies of
+    these rows (`lanczos.local_pair`) then evaluate nothing for the padding."""
     nb = bonds.shape[0]
     mask = (s[:, bonds[:, 0]] != s[:, bonds[:, 1]]).reshape(-1)
     (flat,) = jnp.nonzero(mask, size=size, fill_value=0)
@@ -101,7 +103,7 @@ def connected_configs(s: jax.Array, bonds: jax.Array, size: int
     rows = jnp.arange(size)
     sp = s[sample]
     sp = sp.at[rows, bonds[bond, 0]].multiply(-1).at[rows, bonds[bond, 1]].multiply(-1)
-    return sp, sample, bond, valid
+    return jnp.where(valid[:, None], sp, jnp.ones_like(sp)), sample, bond, valid
 
 
 @partial(jax.jit, static_argnames=("logpsi", "size", "chunk"))

@@ -82,7 +82,7 @@ def exact(h: sp.csr_matrix, psi: np.ndarray, n_sites: int) -> dict[str, float]:
 @partial(jax.jit, static_argnames=("logpsi", "size", "chunk"))
 def _neighbours(logpsi: LogPsi, params, s: jax.Array, bonds: jax.Array, size: int, chunk: int):
     t, sample, bond, valid = connected_configs(s, bonds, size)
-    return t, apply_chunked(logpsi, params, t, chunk), sample, bond, valid
+    return t, apply_chunked(logpsi, params, t, chunk, jnp.sum(valid)), sample, bond, valid
 
 
 @jax.jit

@@ -15,7 +15,7 @@ from jax.flatten_util import ravel_pytree
 
 from pipeline import checkpoint, exact, sr, stats
 from pipeline.driver import Driver, RunState
-from pipeline.hamiltonian import Hamiltonian, apply_chunked, local_energies
+from pipeline.hamiltonian import Hamiltonian, _count, apply_chunked, connected_configs, local_energies
 from pipeline.hooks import BaseHook, CheckpointHook
 from pipeline.lattice import Lattice
 from pipeline.models import group
@@ -136,6 +136,19 @@ def test_padding_rows_are_skipped_and_the_used_rows_unchanged() -> None:
         params, s, jnp.asarray(70)))
     np.testing.assert_array_equal(part[:96], full[:96])  # rows 70-95 share the third chunk
     assert np.all(part[96:] == 0) and np.all(full[96:] != 0)
+
+
+def test_padding_configurations_have_no_connected_pairs() -> None:
+    """Padding rows of the connected configurations are all spins up, so the local energies of
+    those rows (the second level of `lanczos.local_pair`) evaluate nothing for them."""
+    system = system_for(**{"model.d": 8})
+    s = jnp.asarray(exact.configs(exact.sz0_basis(16)[:50], 16))
+    bonds = jnp.asarray(system.hamiltonian.bonds)
+    count = int(_count(s, bonds))
+    t, _, _, valid = jax.jit(connected_configs, static_argnums=2)(s, bonds, count + 37)
+    t, valid = np.asarray(t), np.asarray(valid)
+    assert valid.sum() == count and np.all(t[~valid] == 1)
+    assert int(_count(jnp.asarray(t[valid]), bonds)) > 0 and int(_count(jnp.asarray(t[~valid]), bonds)) == 0
 
 
 @pytest.mark.parametrize("mode,chunk", [("translations", 0), ("full", 0), ("full", 16)])
