@@ -32,6 +32,16 @@ def test_log_cosh_sum_is_stable_and_correct() -> None:
     np.testing.assert_allclose(np.exp(1j * (got[1].imag - tail.imag - (-0.5 + 3.0))), 1.0, atol=1e-12)
 
 
+def test_log_cosh_sum_in_float32_near_the_nodes_of_cosh() -> None:
+    """32 features next to a zero of cosh: each factor 1 + exp(-2z) is about 2e-3, their
+    product about 1e-86, below float32's range; the sum must still be finite and right."""
+    z = np.full((1, 32), 1e-3 + 1j * np.pi / 2)
+    want = np.sum(np.log(np.cosh(z)))
+    got = log_cosh_sum(jnp.asarray(z, jnp.complex64))
+    assert np.isfinite(got[0])
+    np.testing.assert_allclose(got[0].real, want.real, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dx,dy", [(2, 0), (0, 2), (2, 2)])
 def test_exact_invariance_under_patch_translations(attention: str, dx: int, dy: int) -> None:
     system = system_for(**{"model.attention": attention, "model.layers": 2})
