@@ -112,8 +112,7 @@ def _local(logpsi: LogPsi, params, s: jax.Array, logpsi_s: jax.Array, bonds: jax
     """Diagonal part plus sum over connected (sample, bond) pairs of off * psi(s^b)/psi(s)."""
     sp, sample, bond, valid = connected_configs(s, bonds, size)
     lp = apply_chunked(logpsi, params, sp, chunk, jnp.sum(valid))
-    ratio = jnp.exp(jnp.where(valid, lp - logpsi_s[sample], 0.0))
-    contrib = jnp.where(valid, off[bond] * ratio, 0.0)
+    contrib = jnp.where(valid, off[bond] * jnp.exp(lp - logpsi_s[sample]), 0.0)
     si, sj = s[:, bonds[:, 0]], s[:, bonds[:, 1]]
     diag = (si.astype(jnp.float64) * sj.astype(jnp.float64)) @ J / 4
     return diag + jax.ops.segment_sum(contrib, sample, num_segments=s.shape[0])

@@ -40,7 +40,8 @@ def main() -> None:
     system = System.build(cfg)
     N = system.n_sites
     h, basis = exact.sparse_hamiltonian(system.hamiltonian)
-    e0, gs, _ = exact.ground_state(system.hamiltonian)
+    e0, gs = exact.lowest_state(h)
+    e0 /= N
     vector = exact.state_vector(system.logpsi, basis, N)
     projected = exact.state_vector(system.with_symmetry("full").logpsi, basis, N)
     rel = lambda e: (e - e0) / abs(e0)  # noqa: E731
