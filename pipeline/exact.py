@@ -61,19 +61,18 @@ def start_vector(dim: int) -> np.ndarray:
     return np.random.default_rng(0).normal(size=dim)
 
 
-def lowest_state(h: sp.csr_matrix) -> tuple[float, np.ndarray]:
-    """(lowest eigenvalue, its vector) of a sparse Hamiltonian by Lanczos from a random start
-    vector (a uniform one is the ferromagnet's Sz = 0 member without the sign rule: an
+def lowest_state(h: sp.csr_matrix, n_sites: int) -> tuple[float, np.ndarray]:
+    """(lowest eigenvalue per site, its vector) of a sparse Hamiltonian by Lanczos from a random
+    start vector (a uniform one is the ferromagnet's Sz = 0 member without the sign rule: an
     eigenvector); for callers that also need the matrix itself."""
     vals, vecs = eigsh(h, k=1, which="SA", tol=1e-12, v0=start_vector(h.shape[0]))
-    return float(vals[0]), vecs[:, 0]
+    return float(vals[0]) / n_sites, vecs[:, 0]
 
 
 def ground_state(ham: Hamiltonian) -> tuple[float, np.ndarray, np.ndarray]:
     """(E0 per site, ground-state vector, basis) (`lowest_state` of `sparse_hamiltonian`)."""
     h, states = sparse_hamiltonian(ham)
-    e0, vec = lowest_state(h)
-    return e0 / ham.n_sites, vec, states
+    return (*lowest_state(h, ham.n_sites), states)
 
 
 @lru_cache(maxsize=None)

@@ -27,8 +27,7 @@ def main() -> None:
     for j2 in (float(x) for x in args.j2.split(",")):
         ham = Hamiltonian.build(Lattice(args.size, 2), 1.0, j2, True)
         h, _ = exact.sparse_hamiltonian(ham)
-        e0, v = exact.lowest_state(h)
-        e0 /= ham.n_sites
+        e0, v = exact.lowest_state(h, ham.n_sites)
         bound, x = exact.sign_rule_bound(h, v, ham.n_sites)
         off = exact.off_sign_rule_weight(v)
         zeros = float(np.mean(x < 1e-12))

@@ -40,8 +40,7 @@ def main() -> None:
     system = System.build(cfg)
     N = system.n_sites
     h, basis = exact.sparse_hamiltonian(system.hamiltonian)
-    e0, gs = exact.lowest_state(h)
-    e0 /= N
+    e0, gs = exact.lowest_state(h, N)
     vector = exact.state_vector(system.logpsi, basis, N)
     projected = exact.state_vector(system.with_symmetry("full").logpsi, basis, N)
     rel = lambda e: (e - e0) / abs(e0)  # noqa: E731

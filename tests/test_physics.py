@@ -85,12 +85,11 @@ def test_sign_rule_bound_is_exact_without_frustration_and_a_gap_with_it() -> Non
     lat = Lattice(4, 2)
     free = Hamiltonian.build(lat, 1.0, 0.0, True)
     h_free, _ = exact.sparse_hamiltonian(free)
-    e_free, v_free = exact.lowest_state(h_free)
-    assert abs(exact.sign_rule_bound(h_free, v_free, 16)[0] - e_free / 16) < 1e-9
+    e_free, v_free = exact.lowest_state(h_free, 16)
+    assert abs(exact.sign_rule_bound(h_free, v_free, 16)[0] - e_free) < 1e-9
     ham = Hamiltonian.build(lat, 1.0, 0.5, True)
     h, _ = exact.sparse_hamiltonian(ham)
-    e0, v = exact.lowest_state(h)
-    e0 /= 16
+    e0, v = exact.lowest_state(h, 16)
     bound, x = exact.sign_rule_bound(h, v, 16)
     start = exact.expectation(h, np.abs(v), 16)["energy_per_site"]
     assert np.all(x >= 0)
