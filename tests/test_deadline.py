@@ -218,16 +218,17 @@ def test_accuracy_benchmark_with_a_warm_start_keeps_its_budget(tmp_path) -> None
 
 
 def test_accuracy_benchmark_with_exact_final_energies_keeps_its_budget(tmp_path) -> None:
-    """`scripts/bench_accuracy --size 4 --warm 0.3 --warm-j2 0.55` (exact final energies by
+    """`scripts/bench_accuracy --size 4 --warm 0.4 --warm-j2 0.55` (exact final energies by
     default there) on a small model and a 0.8-minute budget: the warm start at the other coupling
     and the run at J2 = 0.5 both step inside it, with exact energies above the exact ground state
     and relative errors computed from them, and no rollback (the collapse test stays quiet on a
     healthy run of few samples). The folders of --json and --save do not exist yet: they are
-    created at start, and the trained state is saved."""
+    created at start, and the trained state is saved. The warm phase gets 19 s: its first two
+    steps compile, and with 14 s (`--warm 0.3`) they once took nearly all of it in the suite."""
     out, saved = tmp_path / "new" / "rows.json", tmp_path / "saved" / "states"
     small = ["model.d=8", "model.heads=2", "sampler.n_samples=256", "sampler.n_chains=128"]
     proc = subprocess.run([sys.executable, "scripts/bench_accuracy.py", "--minutes", "0.8",
-                           "--kinds", "factored", "--warm", "0.3", "--warm-j2", "0.55",
+                           "--kinds", "factored", "--warm", "0.4", "--warm-j2", "0.55",
                            "--json", str(out), "--save", str(saved), *small],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -235,11 +236,9 @@ def test_accuracy_benchmark_with_exact_final_energies_keeps_its_budget(tmp_path)
     e0 = -0.5286202095
     assert row["measure"] == "exact" and row["final_samples"] == row["projected_samples"] == 12870
     assert (row["J2"], row["warm_j2"]) == (0.5, 0.55), row
-    # The warm phase has 14 s; its first two steps compile, and inside the loaded suite they
-    # once took nearly all of it (2 warm steps): two steps show that it stepped.
-    assert row["wall_minutes"] <= 0.8 + 0.05 and row["steps"] > 2 and row["warm_steps"] >= 2, row
+    assert row["wall_minutes"] <= 0.8 + 0.05 and row["steps"] > 2 and row["warm_steps"] > 2, row
     assert row["rollbacks"] == 0 and "rollbacks 0" in proc.stdout, row  # no false collapse
-    with open(saved / "factored_seed0_warm0.3.pkl", "rb") as f:
+    with open(saved / "factored_seed0_warm0.4.pkl", "rb") as f:
         assert pickle.load(f)["step"] == row["steps"]
     for e, err, rel in (("energy_per_site", "energy_error", "relative_error"),
                         ("projected_energy", "projected_error", "projected_relative_error")):
