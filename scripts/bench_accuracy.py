@@ -69,14 +69,20 @@ def configure(size: int, kind: str, seed: int, overrides: list[str]):
                              f"run.seed={seed}", *overrides]))
 
 
+def warm_overrides(overrides: list[str], warm_j2: float | None, small_L: int) -> list[str]:
+    """The run's overrides for its warm start: on small_L x small_L, at J2 = warm_j2 when given,
+    and without a fine-tuning phase (run.finetune_steps belongs to the run itself: the warm
+    start's parameters are carried over, not its projection)."""
+    own = ("run.finetune_steps=",) + (("hamiltonian.J2=",) if warm_j2 is not None else ())
+    kept = [o for o in overrides if not o.lstrip("+").startswith(own)]
+    return kept + ([f"hamiltonian.J2={warm_j2}"] if warm_j2 is not None else []) + [f"lattice.L={small_L}"]
+
+
 def warm_params(size: int, kind: str, seed: int, overrides: list[str], until: float, system,
                 warm_j2: float | None, small_L: int):
     """Parameters for `system` from a run of the same model that ends at `until`: on
     small_L x small_L, at the coupling `warm_j2` when given (else the run's own)."""
-    if warm_j2 is not None:
-        overrides = [o for o in overrides if not o.startswith("hamiltonian.J2=")]
-        overrides.append(f"hamiltonian.J2={warm_j2}")
-    small = Driver(System.build(configure(size, kind, seed, [*overrides, f"lattice.L={small_L}"])))
+    small = Driver(System.build(configure(size, kind, seed, warm_overrides(overrides, warm_j2, small_L))))
     state, steps = train(small, small.fresh_state(), Deadline(until, lambda *phases: 0.0),
                          small.cfg.run.n_iter)
     b = system.lattice.patch

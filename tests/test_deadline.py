@@ -4,6 +4,7 @@ schedules at their final values."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -244,6 +245,23 @@ def test_accuracy_benchmark_with_exact_final_energies_keeps_its_budget(tmp_path)
                         ("projected_energy", "projected_error", "projected_relative_error")):
         assert row[e] > e0 and row[err] == 0.0, row
         assert row[rel] == pytest.approx((row[e] - e0) / -e0, rel=1e-6), row
+
+
+def test_the_warm_start_of_the_accuracy_benchmark_has_no_fine_tuning_phase() -> None:
+    """The recipe's `run.finetune_steps` projects the run's last steps; its warm start (another
+    coupling, or a smaller lattice) keeps every other override and trains without that phase."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_accuracy", os.path.join(ROOT, "scripts", "bench_accuracy.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = ["sampler.kind=exact", "run.finetune_steps=8", "hamiltonian.J2=0.6", "sampler.n_thermalize=0"]
+    warm = bench.warm_overrides(run, 0.65, 4)
+    assert warm == ["sampler.kind=exact", "sampler.n_thermalize=0", "hamiltonian.J2=0.65", "lattice.L=4"]
+    assert bench.warm_overrides(["++run.finetune_steps=2", "hamiltonian.J2=0.5"], None, 4) == \
+        ["hamiltonian.J2=0.5", "lattice.L=4"]
+    cfg = bench.configure(4, "factored", 0, warm)
+    assert (cfg.run.finetune_steps, cfg.hamiltonian.J2, cfg.lattice.L) == (0, 0.65, 4)
 
 
 @pytest.mark.parametrize("args, message", [
