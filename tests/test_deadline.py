@@ -3,6 +3,7 @@ times, and a run that a competing load slows down halfway still ends inside its 
 schedules at their final values."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -250,9 +251,8 @@ def test_accuracy_benchmark_with_exact_final_energies_keeps_its_budget(tmp_path)
 def test_the_warm_start_of_the_accuracy_benchmark_has_no_fine_tuning_phase() -> None:
     """The recipe's `run.finetune_steps` projects the run's last steps; its warm start (another
     coupling, or a smaller lattice) keeps every other override and trains without that phase."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_accuracy", os.path.join(ROOT, "scripts", "bench_accuracy.py"))
+    spec = importlib.util.spec_from_file_location("bench_accuracy",
+                                                  os.path.join(ROOT, "scripts", "bench_accuracy.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     run = ["sampler.kind=exact", "run.finetune_steps=8", "hamiltonian.J2=0.6", "sampler.n_thermalize=0"]
