@@ -322,7 +322,7 @@ def main() -> None:
     ap.add_argument("--save", help="write each trained state (parameters, chains, step) to "
                     "KIND_seedS_warmF.pkl in this directory, before its final measurements")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # key=value overrides may come before or after options
     minutes = args.minutes or BUDGET_MINUTES[args.size]
     warms = [float(w) for w in args.warm.split(",")]
     if args.warm_j2 is not None and not any(warms):

@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--json")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # key=value overrides may come before or after options
     print(f"machine: {os.cpu_count()} cores, {jax.devices()[0].platform}; {' '.join(DEFAULTS)} "
           f"{' '.join(args.overrides)}")
     print(f"{'L':>3} {'kind':<9} {'P':>7} {'fwd/s':>9} {'flops/cfg':>10} {'s/step':>7} {'sample':>7} "

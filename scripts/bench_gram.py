@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # key=value overrides may come before or after options
     cfg = configure(4, args.kind, 0, args.overrides)
     system = System.build(cfg)
     P = system.n_params(system.init_params(0))

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--label", default="")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # key=value overrides may come before or after options
     c = validate(compose([*DEFAULTS, *args.overrides]))
     system = System.build(c)
     params = system.init_params(0)

@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # key=value overrides may come before or after options
     cfg = configure(4, args.kind, args.seed, [*args.overrides, f"run.n_iter={args.steps}"])
     system = System.build(cfg)
     N = system.n_sites

@@ -266,6 +266,8 @@ def test_the_warm_start_of_the_accuracy_benchmark_has_no_fine_tuning_phase() -> 
 
 @pytest.mark.parametrize("args, message", [
     (["--warm-j2", "0.55"], "--warm-j2 0.55 needs --warm F with F > 0"),
+    (["hamiltonian.J2=0.5", "--warm-j2", "0.55", "sampler.kind=exact"],  # overrides on both sides
+     "--warm-j2 0.55 needs --warm F with F > 0"),
     (["--size", "6", "--warm", "0.2", "--warm-size", "6"],
      "--warm on the run's own lattice (6x6) needs --warm-j2"),
     (["--size", "4", "--warm", "0.2", "--warm-j2", "0.55", "--warm-size", "6"],
